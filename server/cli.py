@@ -1,0 +1,84 @@
+"""``tiercache-server``: parse flags, run uvicorn, shut down cleanly.
+
+SIGINT/SIGTERM stop accepting connections, let in-flight requests finish
+(bounded), cancel what is left, flush the cache writer and exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Optional, Sequence
+
+from .config import parse_config
+
+
+class _Server:
+    """Factory for a uvicorn server that exits 0 on SIGINT/SIGTERM."""
+
+    @staticmethod
+    def build(config):
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig, frame):  # noqa: D401 - uvicorn hook
+                super().handle_exit(sig, frame)
+                # uvicorn re-raises captured signals after shutdown, which
+                # would turn a clean stop into "killed by SIGTERM".
+                captured = getattr(self, "_captured_signals", None)
+                if isinstance(captured, list):
+                    captured.clear()
+
+        return Server(config)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the server until a signal arrives.
+
+    Args:
+        argv: Command-line arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        Process exit status (also passed to ``sys.exit`` when run as a script).
+    """
+    cfg = parse_config(argv)
+    logging.basicConfig(
+        level=getattr(logging, cfg.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    import uvicorn
+
+    from .app import create_app
+
+    state = {"exit": 0, "server": None}
+
+    def on_load_failed(exc: BaseException) -> None:
+        state["exit"] = 1
+        server = state["server"]
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(cfg, on_load_failed=on_load_failed)
+    config = uvicorn.Config(
+        app,
+        host=cfg.host,
+        port=cfg.port,
+        log_level=cfg.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=30,
+        lifespan="on",
+    )
+    server = _Server.build(config)
+    state["server"] = server
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    if not server.started and state["exit"] == 0:
+        # uvicorn could not bind (message already logged).
+        state["exit"] = 1
+    return state["exit"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""The model, its tokenizer and the tiered prompt cache; one generation.
+
+:meth:`Engine.load` and :meth:`Engine.generate` run on the single worker
+thread that owns MLX. Tokenization and validation are pure Python and may be
+called from HTTP threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, List, Optional, Sequence
+
+from .config import ServerConfig
+
+logger = logging.getLogger("tiercache.server")
+
+DEMO_MODEL_ID = "tiercache-demo"
+
+
+class RequestError(ValueError):
+    """A request that cannot be served as given (HTTP 400).
+
+    Args:
+        message: Explanation for the client.
+        param: The offending request field, if any.
+        code: A short machine-readable code.
+    """
+
+    def __init__(self, message: str, param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class Cancelled(Exception):
+    """Raised inside prefill when the client went away."""
+
+
+@dataclass
+class GenParams:
+    """What to generate for one request.
+
+    Attributes:
+        tokens: Prompt token ids.
+        max_tokens: Completion token limit.
+        temperature: Sampling temperature (0 = greedy).
+        top_p: Nucleus sampling mass.
+        seed: Optional random seed.
+        stops: Stop strings (not included in the output).
+        salt: Cache isolation salt.
+        arrived: ``time.perf_counter()`` when the request arrived.
+        request_id: For the log line.
+    """
+
+    tokens: List[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stops: List[str] = field(default_factory=list)
+    salt: Optional[str] = None
+    arrived: float = field(default_factory=time.perf_counter)
+    request_id: str = ""
+
+
+class _StopText:
+    """Holds back text that might be the start of a stop string."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = list(stops)
+        self.keep = max((len(s) for s in self.stops), default=1) - 1
+        self.text = ""
+        self.sent = 0
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """Add generated text; return (text safe to send, stop hit)."""
+        self.text += piece
+        if self.stops:
+            hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
+            if hits:
+                end = min(hits)
+                out, self.sent = self.text[self.sent:end], end
+                return out, True
+        end = len(self.text) - self.keep
+        if end > self.sent:
+            out, self.sent = self.text[self.sent:end], end
+            return out, False
+        return "", False
+
+    def flush(self) -> str:
+        """Return whatever is still held back."""
+        out, self.sent = self.text[self.sent:], len(self.text)
+        return out
+
+
+def _cache_offset(prompt_cache: list) -> Optional[int]:
+    """Return the token count held by the first layer that reports one."""
+    for layer in prompt_cache:
+        offset = getattr(layer, "offset", None)
+        if isinstance(offset, int):
+            return offset
+    return None
+
+
+class Engine:
+    """Owns the model, tokenizer and :class:`tiercache.TieredPromptCache`.
+
+    Args:
+        cfg: Server configuration.
+        metrics: A :class:`server.metrics.Metrics` (optional).
+    """
+
+    def __init__(self, cfg: ServerConfig, metrics: Any = None):
+        self.cfg = cfg
+        self.metrics = metrics
+        self.model = None
+        self.tokenizer = None
+        self.cache = None
+        self.model_path: Optional[str] = None
+        self.model_id = cfg.model or DEMO_MODEL_ID
+        self.model_key: Optional[str] = None
+        self.context_length: Optional[int] = None
+        self.vocab_size: Optional[int] = None
+        self.created = int(time.time())
+
+    # ------------------------------------------------------------------ load
+    def load(self) -> None:
+        """Load (or build) the model and open the tiered cache. Worker thread."""
+        from mlx_lm import load as mlx_load
+
+        from tiercache import TieredPromptCache
+
+        cfg = self.cfg
+        if cfg.model is None:
+            from tiercache.demo_model import default_demo_model_path
+
+            path = str(default_demo_model_path())
+        else:
+            local = Path(cfg.model).expanduser()
+            path = str(local.resolve()) if local.is_dir() else cfg.model
+        t0 = time.perf_counter()
+        model, tokenizer, config = mlx_load(path, return_config=True)
+        self.model, self.tokenizer, self.model_path = model, tokenizer, path
+        self.model_key = path
+        text_cfg = config.get("text_config", config) if isinstance(config, dict) else {}
+        self.context_length = text_cfg.get("max_position_embeddings") or config.get(
+            "max_position_embeddings"
+        )
+        self.vocab_size = text_cfg.get("vocab_size") or config.get("vocab_size")
+        self.cache = TieredPromptCache(
+            max_size=cfg.prompt_cache_size,
+            max_bytes=cfg.prompt_cache_bytes if cfg.prompt_cache_bytes else 1 << 63,
+            disk_dir=cfg.disk_dir,
+            disk_bytes=cfg.disk_bytes,
+            block_size=cfg.block_size,
+            write_policy=cfg.write_policy,
+            prewarm_bytes=cfg.prewarm_bytes,
+        )
+        self.cache.register_model(self.model_key, path, model)
+        logger.info(
+            "loaded model %s in %.2fs (context %s, vocab %s; disk tier %s)",
+            path,
+            time.perf_counter() - t0,
+            self.context_length,
+            self.vocab_size,
+            cfg.disk_dir or "off",
+        )
+
+    def close(self, flush_timeout: float) -> None:
+        """Flush and close the cache (bounded by ``flush_timeout``)."""
+        if self.cache is not None:
+            self.cache.close(flush_timeout=flush_timeout)
+
+    def matches_model(self, name: Optional[str]) -> bool:
+        """Whether a request's ``model`` field names the served model."""
+        if name in (None, "", self.model_id, "default_model"):
+            return True
+        if self.model_path and name in (self.model_path, Path(self.model_path).name):
+            return True
+        return False
+
+    # ------------------------------------------------------------ tokenize
+    def chat_tokens(self, messages: List[dict]) -> List[int]:
+        """Render chat messages with the model's template and tokenize.
+
+        Args:
+            messages: ``[{"role", "content"}]`` with string contents.
+
+        Returns:
+            Prompt token ids ending with the assistant generation prompt.
+        """
+        tok = self.tokenizer
+        if getattr(tok, "has_chat_template", False):
+            try:
+                out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            except Exception as exc:  # template errors are the request's fault
+                raise RequestError(f"chat template failed: {exc}", "messages") from None
+            if isinstance(out, dict) or hasattr(out, "keys"):
+                out = out["input_ids"]
+            return [int(t) for t in out]
+        lines = [f"{m['role']}: {m['content']}" for m in messages]
+        text = "\n".join(lines) + "\nassistant:"
+        return list(tok.encode(text))
+
+    def prompt_tokens(self, prompt: Any) -> List[int]:
+        """Tokenize a completion prompt (string) or pass token ids through."""
+        if isinstance(prompt, str):
+            return list(self.tokenizer.encode(prompt))
+        return [int(t) for t in prompt]
+
+    def resolve_max_tokens(self, tokens: Sequence[int], requested: Optional[int]) -> int:
+        """Validate a prompt and return the completion limit to use.
+
+        Args:
+            tokens: Prompt token ids.
+            requested: ``max_tokens`` from the request, if any.
+
+        Returns:
+            The effective ``max_tokens``.
+
+        Raises:
+            RequestError: Empty prompt, ids outside the vocabulary, or a
+                prompt / completion that does not fit the context.
+        """
+        if len(tokens) == 0:
+            raise RequestError("the prompt is empty", "prompt")
+        if self.vocab_size:
+            bad = [t for t in tokens if t < 0 or t >= self.vocab_size]
+            if bad:
+                raise RequestError(
+                    f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})",
+                    "prompt",
+                    "invalid_token_id",
+                )
+        ctx = self.context_length
+        if ctx:
+            if len(tokens) >= ctx:
+                raise RequestError(
+                    f"the prompt has {len(tokens)} tokens; this model's context is {ctx} tokens",
+                    "messages",
+                    "context_length_exceeded",
+                )
+            if requested is not None and len(tokens) + requested > ctx:
+                raise RequestError(
+                    f"max_tokens={requested} plus {len(tokens)} prompt tokens exceeds "
+                    f"this model's context of {ctx} tokens",
+                    "max_tokens",
+                    "context_length_exceeded",
+                )
+        limit = requested if requested is not None else self.cfg.max_tokens
+        if ctx:
+            limit = min(limit, ctx - len(tokens))
+        return max(1, limit)
+
+    # ------------------------------------------------------------ generate
+    def generate(self, p: GenParams, emit: Callable[[tuple], None], cancelled: Callable[[], bool]):
+        """Serve one request on the worker thread.
+
+        Emits ``("start", info)``, then ``("text", piece)`` events, then
+        ``("done", finish_reason, usage)``. Whatever was computed (also
+        after a cancel) is inserted into the cache.
+
+        Args:
+            p: What to generate.
+            emit: Thread-safe callback for events.
+            cancelled: Returns True once the client has gone away.
+        """
+        import mlx.core as mx
+        from mlx_lm import stream_generate
+        from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+        from mlx_lm.sample_utils import make_sampler
+
+        tokens = list(p.tokens)
+        t_start = time.perf_counter()
+        prompt_cache, rest = self.cache.fetch_nearest_cache(self.model_key, tokens, salt=p.salt)
+        restore_s = time.perf_counter() - t_start
+        rest = list(rest)
+        cached = len(tokens) - len(rest) if prompt_cache is not None else 0
+        info = getattr(self.cache, "last_fetch", None)
+        disk = int(getattr(info, "disk_tokens", 0) or 0) if info is not None else 0
+        disk = min(disk, cached)
+        memory = cached - disk
+        if prompt_cache is None:
+            prompt_cache = make_prompt_cache(self.model)
+            rest = tokens
+        if self.metrics is not None:
+            self.metrics.observe_fetch(len(tokens), memory, disk, restore_s)
+        usage = {
+            "prompt_tokens": len(tokens),
+            "completion_tokens": 0,
+            "total_tokens": len(tokens),
+            "prompt_tokens_details": {
+                "cached_tokens": cached,
+                "memory_tokens": memory,
+                "disk_tokens": disk,
+            },
+        }
+        emit(("start", usage))
+
+        if p.seed is not None:
+            mx.random.seed(p.seed)
+        sampler = make_sampler(p.temperature, top_p=p.top_p)
+
+        def progress(done: int, total: int) -> None:
+            if cancelled():
+                raise Cancelled()
+
+        generated: List[int] = []
+        stopper = _StopText(p.stops)
+        finish = "length"
+        stop_hit = False
+        t_first: Optional[float] = None
+        prefill_done: Optional[float] = None
+        try:
+            for gen in stream_generate(
+                self.model,
+                self.tokenizer,
+                mx.array(rest),
+                max_tokens=p.max_tokens,
+                sampler=sampler,
+                prompt_cache=prompt_cache,
+                prefill_step_size=self.cfg.prefill_step_size,
+                prompt_progress_callback=progress,
+            ):
+                if t_first is None:
+                    t_first = time.perf_counter()
+                    prefill_done = t_first
+                generated.append(int(gen.token))
+                out, hit = stopper.feed(gen.text)
+                if out:
+                    emit(("text", out))
+                if hit:
+                    finish, stop_hit = "stop", True
+                    break
+                if gen.finish_reason is not None:
+                    finish = gen.finish_reason
+                    break
+                if cancelled():
+                    finish = "cancelled"
+                    break
+        except Cancelled:
+            finish = "cancelled"
+        if not stop_hit and finish != "cancelled":
+            tail = stopper.flush()
+            if tail:
+                emit(("text", tail))
+        t_end = time.perf_counter()
+
+        self._insert(tokens + generated, prompt_cache, p.salt, can_trim_prompt_cache, trim_prompt_cache)
+
+        usage["completion_tokens"] = len(generated)
+        usage["total_tokens"] = len(tokens) + len(generated)
+        emit(("done", finish, usage))
+
+        prefill_s = (prefill_done or t_end) - t_start
+        ttft = (t_first - p.arrived) if t_first is not None else None
+        decode_s = t_end - (t_first or t_end)
+        decode_tps = (len(generated) - 1) / decode_s if decode_s > 0 and len(generated) > 1 else 0.0
+        if self.metrics is not None:
+            if ttft is not None:
+                self.metrics.ttft.observe(ttft)
+            self.metrics.prefill.observe(prefill_s)
+            self.metrics.generated_tokens.inc(len(generated))
+        logger.info(
+            "request %s: prompt=%d cached=%d (memory=%d disk=%d) prefill=%.3fs ttft=%s "
+            "decode=%.1f tok/s completion=%d finish=%s",
+            p.request_id,
+            len(tokens),
+            cached,
+            memory,
+            disk,
+            prefill_s,
+            f"{ttft:.3f}s" if ttft is not None else "-",
+            decode_tps,
+            len(generated),
+            finish,
+        )
+
+    def _insert(self, key: List[int], prompt_cache: list, salt, can_trim, trim) -> None:
+        """Insert the post-generation cache state under exactly its tokens."""
+        import mlx.core as mx
+
+        offset = _cache_offset(prompt_cache)
+        if offset is not None:
+            if offset < len(key):
+                key = key[:offset]
+            elif offset > len(key):
+                if not can_trim(prompt_cache):
+                    logger.debug("cache holds more tokens than known; not inserted")
+                    return
+                trim(prompt_cache, offset - len(key))
+        if len(key) == 0:
+            return
+        try:
+            mx.eval([c.state for c in prompt_cache])
+        except Exception:  # some layer types have no evaluable state
+            pass
+        try:
+            self.cache.insert_cache(
+                self.model_key, key, prompt_cache, cache_type="assistant", salt=salt
+            )
+        except Exception:
+            logger.exception("prompt cache insert failed")
+
+    # --------------------------------------------------------------- stats
+    def cache_stats(self) -> Optional[dict]:
+        """Return ``cache.stats()`` or ``None`` before the cache exists."""
+        return self.cache.stats() if self.cache is not None else None

@@ -1,0 +1,217 @@
+"""The single generation worker thread and its bounded request queue.
+
+MLX state is single-threaded, so one thread loads the model and runs every
+generation and cache operation. HTTP handlers submit :class:`Job` objects
+and read their events from an ``asyncio.Queue``; control calls (cache reset)
+jump the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import itertools
+import logging
+import threading
+from typing import Any, Callable, Deque, Optional
+
+from .engine import Engine, GenParams
+
+logger = logging.getLogger("tiercache.server")
+
+_ids = itertools.count(1)
+
+
+class QueueFull(Exception):
+    """The bounded request queue is full (HTTP 429)."""
+
+
+class NotAccepting(Exception):
+    """The worker is loading, failed, or shutting down (HTTP 503)."""
+
+
+class Job:
+    """One generation request travelling between HTTP and the worker.
+
+    Args:
+        params: What to generate.
+        loop: The event loop whose handler awaits :attr:`events`.
+    """
+
+    def __init__(self, params: GenParams, loop: asyncio.AbstractEventLoop):
+        self.params = params
+        self.loop = loop
+        self.events: asyncio.Queue = asyncio.Queue()
+        self._cancelled = threading.Event()
+        self.id = params.request_id or f"req-{next(_ids)}"
+        params.request_id = self.id
+
+    def emit(self, event: tuple) -> None:
+        """Hand an event to the HTTP side (thread-safe)."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # loop closed: nobody is listening any more
+            self._cancelled.set()
+
+    def cancel(self) -> None:
+        """Ask the worker to stop this job as soon as possible."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the job was cancelled."""
+        return self._cancelled.is_set()
+
+
+class Worker:
+    """Loads the model then serves jobs one at a time on its own thread.
+
+    Args:
+        engine: The engine the thread drives.
+        max_queue: Jobs allowed to wait (excluding the running one).
+        on_load_failed: Called (from the worker thread) if loading fails.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        max_queue: int,
+        on_load_failed: Optional[Callable[[BaseException], None]] = None,
+    ):
+        self.engine = engine
+        self.max_queue = max_queue
+        self.on_load_failed = on_load_failed
+        self.state = "loading"
+        self.load_error: Optional[str] = None
+        self._jobs: Deque[Job] = collections.deque()
+        self._control: Deque[tuple] = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._current: Optional[Job] = None
+        self._thread = threading.Thread(target=self._run, name="tiercache-worker", daemon=True)
+
+    # ------------------------------------------------------------- public
+    def start(self) -> None:
+        """Start the worker thread (it loads the model first)."""
+        self._thread.start()
+
+    @property
+    def ready(self) -> bool:
+        """Whether the model is loaded and jobs are accepted."""
+        return self.state == "ready" and not self._stopping
+
+    @property
+    def queue_depth(self) -> int:
+        """Jobs waiting, not counting the running one."""
+        return len(self._jobs)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a job is running."""
+        return self._current is not None
+
+    def submit(self, job: Job) -> None:
+        """Queue a job.
+
+        Raises:
+            NotAccepting: While loading, after a failed load or when stopping.
+            QueueFull: When ``max_queue`` jobs are already waiting.
+        """
+        with self._cond:
+            if not self.ready:
+                raise NotAccepting(self._why_not())
+            if len(self._jobs) >= self.max_queue:
+                raise QueueFull(f"the server is busy: {len(self._jobs)} requests are queued")
+            self._jobs.append(job)
+            self._cond.notify()
+
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run ``fn`` on the worker thread before the next queued job.
+
+        Raises:
+            NotAccepting: If the worker is not ready.
+        """
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if not self.ready:
+                raise NotAccepting(self._why_not())
+            self._control.append((fn, fut))
+            self._cond.notify()
+        return fut
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop accepting, cancel queued and running jobs, join the thread.
+
+        Args:
+            timeout: Seconds to wait for the running job to wind down.
+        """
+        with self._cond:
+            self._stopping = True
+            pending = list(self._jobs)
+            self._jobs.clear()
+            controls = list(self._control)
+            self._control.clear()
+            if self._current is not None:
+                self._current.cancel()
+            self._cond.notify_all()
+        for job in pending:
+            job.cancel()
+            job.emit(("error", NotAccepting("the server is shutting down")))
+        for _, fut in controls:
+            fut.set_exception(NotAccepting("the server is shutting down"))
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------ private
+    def _why_not(self) -> str:
+        if self._stopping:
+            return "the server is shutting down"
+        if self.state == "failed":
+            return f"the model failed to load: {self.load_error}"
+        return "the model is still loading"
+
+    def _run(self) -> None:
+        try:
+            self.engine.load()
+        except BaseException as exc:  # report and stay alive for /health
+            self.state = "failed"
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            logger.error("model failed to load: %s", self.load_error)
+            if self.on_load_failed is not None:
+                self.on_load_failed(exc)
+            return
+        self.state = "ready"
+        while True:
+            with self._cond:
+                while not self._stopping and not self._jobs and not self._control:
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                if self._control:
+                    item: Any = ("control", self._control.popleft())
+                else:
+                    item = ("job", self._jobs.popleft())
+                    self._current = item[1]
+            kind, payload = item
+            if kind == "control":
+                fn, fut = payload
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as exc:
+                        fut.set_exception(exc)
+                continue
+            job: Job = payload
+            try:
+                if not job.cancelled:
+                    self.engine.generate(job.params, job.emit, lambda: job.cancelled)
+                else:
+                    job.emit(("error", NotAccepting("request cancelled")))
+            except Exception as exc:
+                logger.exception("generation failed for %s", job.id)
+                job.emit(("error", exc))
+            finally:
+                with self._cond:
+                    self._current = None
+        self.state = "stopped"
