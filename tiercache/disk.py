@@ -1,0 +1,720 @@
+"""The disk tier: content-addressed block files indexed in LMDB by token-hash chains.
+
+Write path (crash-safe): every file is written to a temp name, fsynced and renamed;
+only then is the LMDB transaction that references it committed. Deletion goes the
+other way: commit the removal, then unlink. A crash leaves at worst an orphan file,
+which :func:`tiercache.check.check_store` finds and removes.
+
+Read path: :meth:`DiskStore.longest_prefix` walks the chain in LMDB (tokens compared,
+so a hash collision or a poisoned record is a miss), :meth:`DiskStore.restore` reads
+the files straight into MLX buffers and verifies every checksum, and
+:meth:`DiskStore.fetch` falls back to the longest valid prefix when a file is bad.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from . import layers as L
+from .blockfile import (
+    DIR_MODE,
+    BlockFileError,
+    HashingReader,
+    TensorSource,
+    as_numpy,
+    dtype_name,
+    mx_dtype,
+    np_dtype,
+    write_tensor_file,
+)
+from .hashing import (
+    FORMAT_VERSION,
+    HASH_ALGORITHM,
+    BlockHash,
+    Namespace,
+    block_hashes,
+    chain_root,
+    checkpoint_id,
+    namespace_id,
+    pack_tokens,
+)
+from .index import KIND_BLOCK, KIND_CHECKPOINT, KIND_TAIL, Index, IndexError_, Record
+
+log = logging.getLogger("tiercache.disk")
+
+DEFAULT_BLOCK_SIZE = 256
+INDEX_DIR = "index.lmdb"
+BLOCKS_DIR = "blocks"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+class StoreError(Exception):
+    """The folder is not a usable tiercache store (wrong format, settings mismatch...)."""
+
+
+def _version(pkg: str) -> str:
+    try:
+        return importlib_metadata.version(pkg)
+    except importlib_metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass
+class SaveResult:
+    """What one :meth:`DiskStore.save` wrote (dedup makes most saves write little)."""
+
+    records_written: int = 0
+    bytes_written: int = 0
+    records_skipped: int = 0
+    evicted: int = 0
+
+
+@dataclass
+class RestorePlan:
+    """A restorable prefix: full blocks in chain order, then maybe a tail/checkpoint.
+
+    Attributes:
+        namespace: the namespace searched.
+        n_tokens: tokens the restored cache will hold.
+        chain: full block records, in order.
+        last: a tail/checkpoint record, or a block used only partly, or None.
+        layer_desc: cache layout of the namespace.
+    """
+
+    namespace: bytes
+    n_tokens: int = 0
+    chain: list[Record] = field(default_factory=list)
+    last: Record | None = None
+    layer_desc: list = field(default_factory=list)
+
+    @property
+    def records(self) -> list[Record]:
+        return self.chain + ([self.last] if self.last is not None else [])
+
+
+class RestoreError(Exception):
+    """A record's file is missing or corrupt; carries the record."""
+
+    def __init__(self, record: Record, reason: str):
+        super().__init__(f"{record.id.hex()}: {reason}")
+        self.record = record
+        self.reason = reason
+
+
+def _common_prefix(a: bytes, b: bytes) -> int:
+    """Length, in tokens, of the common prefix of two packed token strings."""
+    n = min(len(a), len(b)) // 4
+    if n == 0:
+        return 0
+    x = np.frombuffer(a, dtype="<u4", count=n)
+    y = np.frombuffer(b, dtype="<u4", count=n)
+    diff = np.flatnonzero(x != y)
+    return int(diff[0]) if diff.size else n
+
+
+class DiskStore:
+    """Persistent KV snapshots for many models in one folder.
+
+    Args:
+        path: the store folder (created 0700 if missing).
+        block_size: tokens per block. ``None`` adopts the stored value (256 for a
+            new store); a value different from the stored one is an error.
+        disk_bytes: budget for block and checkpoint files; ``None`` is unlimited.
+        readonly: open the index read-only (inspection tools).
+        create: create the store if the folder has none.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        block_size: int | None = None,
+        disk_bytes: int | None = None,
+        readonly: bool = False,
+        create: bool = True,
+    ):
+        self.path = Path(path)
+        if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+            raise ValueError("block_size must be a positive integer")
+        if disk_bytes is not None and disk_bytes < 0:
+            raise ValueError("disk_bytes must be >= 0")
+        index_path = self.path / INDEX_DIR
+        if not index_path.is_dir():
+            if readonly or not create:
+                if not self.path.exists():
+                    raise StoreError(f"{self.path} does not exist")
+                raise StoreError(f"{self.path} is not a tiercache store (no {INDEX_DIR})")
+            if self.path.exists() and not self.path.is_dir():
+                raise StoreError(f"{self.path} is not a folder")
+            if self.path.is_dir() and any(
+                p.name not in (BLOCKS_DIR, CHECKPOINTS_DIR) for p in self.path.iterdir()
+            ):
+                raise StoreError(f"{self.path} is not empty and is not a tiercache store")
+            self.path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            index_path.mkdir(mode=DIR_MODE, exist_ok=True)
+        try:
+            self.index = Index(index_path, readonly=readonly)
+        except IndexError_ as e:
+            raise StoreError(str(e)) from None
+        try:
+            self.block_size = self._check_format(block_size)
+        except BaseException:
+            self.index.close()
+            raise
+        self.disk_bytes = disk_bytes
+        self.readonly = readonly
+        self._desc_cache: dict[bytes, list] = {}
+        self._touch_lock = threading.Lock()
+        self._touches: dict[bytes, list] = {}
+        self._save_lock = threading.Lock()
+        self.counters = {"corrupt_records": 0, "evicted_records": 0, "evicted_bytes": 0}
+        self._closed = False
+
+    # --- settings ---------------------------------------------------------------------
+
+    def _check_format(self, block_size: int | None) -> int:
+        with self.index.read() as txn:
+            fmt = self.index.get_format(txn)
+        if fmt is None:
+            if self.index.readonly:
+                raise StoreError(f"{self.path} is not a tiercache store (no format record)")
+            fmt = {
+                "format_version": FORMAT_VERSION,
+                "block_size": block_size or DEFAULT_BLOCK_SIZE,
+                "hash_algorithm": HASH_ALGORITHM,
+                "created": time.time(),
+                "tiercache_version": _version("tiercache"),
+                "mlx_lm_version": _version("mlx-lm"),
+            }
+            self.index.write(lambda txn: self.index.put_format(txn, fmt))
+            return fmt["block_size"]
+        version = fmt.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise StoreError(
+                f"{self.path} uses store format {version}, newer than this tiercache "
+                f"(format {FORMAT_VERSION}): upgrade tiercache"
+            )
+        if version != FORMAT_VERSION:
+            raise StoreError(f"{self.path} uses old store format {version}; clear it")
+        if fmt.get("hash_algorithm") != HASH_ALGORITHM:
+            raise StoreError(f"{self.path} uses hash {fmt.get('hash_algorithm')!r}")
+        stored = fmt.get("block_size")
+        if block_size is not None and block_size != stored:
+            raise StoreError(
+                f"{self.path} was created with block size {stored}, not {block_size}"
+            )
+        return int(stored)
+
+    def settings(self) -> dict:
+        """The store's own settings record (format version, block size, versions)."""
+        with self.index.read() as txn:
+            return self.index.get_format(txn) or {}
+
+    # --- namespaces ---------------------------------------------------------------------
+
+    def register_namespace(
+        self, files_fingerprint: bytes, layer_desc: list, description: dict | None = None
+    ) -> Namespace:
+        """Records a model + cache layout and returns its namespace id."""
+        ns = namespace_id(files_fingerprint, layer_desc, self.block_size)
+        with self.index.read() as txn:
+            known = self.index.get_namespace(txn, ns)
+        if known is None and not self.readonly:
+            desc = {
+                "files_fingerprint": files_fingerprint.hex(),
+                "layers": layer_desc,
+                "block_size": self.block_size,
+                "format_version": FORMAT_VERSION,
+                "created": time.time(),
+                "mlx_lm_version": _version("mlx-lm"),
+                "model": description or {},
+            }
+            self.index.write(lambda txn: self.index.put_namespace(txn, ns, desc, files_fingerprint))
+        self._desc_cache[ns] = list(layer_desc)
+        return ns
+
+    def namespaces_for_files(self, files_fingerprint: bytes) -> list[Namespace]:
+        """Namespaces stored for a model's files (one per cache layout / dtype)."""
+        with self.index.read() as txn:
+            return [Namespace(n) for n in self.index.namespaces_for_files(txn, files_fingerprint)]
+
+    def namespaces(self) -> dict[bytes, dict]:
+        with self.index.read() as txn:
+            return self.index.all_namespaces(txn)
+
+    def layer_desc(self, ns: bytes) -> list | None:
+        if ns not in self._desc_cache:
+            with self.index.read() as txn:
+                d = self.index.get_namespace(txn, ns)
+            if d is None:
+                return None
+            self._desc_cache[ns] = d["layers"]
+        return self._desc_cache[ns]
+
+    # --- paths --------------------------------------------------------------------------
+
+    def file_path(self, rec: Record) -> Path:
+        """Where a record's file lives: blocks are named by their chain hash."""
+        folder = BLOCKS_DIR if rec.kind == KIND_BLOCK else CHECKPOINTS_DIR
+        h = rec.id.hex()
+        return self.path / folder / h[:2] / f"{h}.safetensors"
+
+    # --- save ---------------------------------------------------------------------------
+
+    def save(
+        self, ns: Namespace, tokens: Sequence[int], cache: list, salt: str | bytes | None = None
+    ) -> SaveResult:
+        """Stores the blocks and the tail/checkpoint of a snapshot that are not stored yet.
+
+        Args:
+            ns: a registered namespace.
+            tokens: the tokens the cache holds, in order.
+            cache: mlx-lm cache objects (evaluated), one per layer.
+            salt: optional tenant salt mixed into the chain root.
+
+        Returns:
+            What was written.
+
+        Raises:
+            ValueError: if the cache doesn't match the namespace's layout or the tokens.
+        """
+        desc = self.layer_desc(ns)
+        if desc is None:
+            raise ValueError("unknown namespace: register it first")
+        if L.describe_cache(cache) != desc:
+            raise ValueError("cache layout does not match the namespace")
+        tokens = list(tokens)
+        n = len(tokens)
+        split = [i for i, d in enumerate(desc) if L.is_splittable(d)]
+        ckpt = [i for i, d in enumerate(desc) if not L.is_splittable(d)]
+        for i in split:
+            off = L.layer_offset(cache[i])
+            if off != n:
+                raise ValueError(f"layer {i} holds {off} tokens, but {n} tokens were given")
+        if n == 0:
+            return SaveResult()
+        B = self.block_size
+        root = chain_root(ns, salt)
+        hashes = block_hashes(root, tokens, B)
+        packed = pack_tokens(tokens)
+        result = SaveResult()
+        with self._save_lock:
+            with self.index.read() as txn:
+                existing = [self.index.get(txn, h) for h in hashes]
+            new: list[Record] = []
+            now = time.time()
+            parent = root
+            for i, h in enumerate(hashes):
+                chunk = packed[i * 4 * B : (i + 1) * 4 * B]
+                rec = existing[i]
+                if rec is not None:
+                    if rec.tokens != chunk or rec.parent != parent:
+                        # Same hash, other tokens: never overwrite, never extend it.
+                        log.warning("hash collision or poisoned record %s: not storing", h.hex())
+                        self._commit(new, result)
+                        return result
+                    result.records_skipped += 1
+                    parent = h
+                    continue
+                tensors = [
+                    TensorSource(f"{li}.{suffix}", dt, view)
+                    for li in split
+                    for suffix, dt, view in L.kv_rows(cache[li], i * B, (i + 1) * B)
+                ]
+                rec = Record(h, KIND_BLOCK, ns, parent, 0, 0, now, now, 0, (i + 1) * B, chunk)
+                rec.nbytes, rec.checksum = write_tensor_file(
+                    self.file_path(rec), tensors, {"tiercache": "block", "format": str(FORMAT_VERSION)}
+                )
+                new.append(rec)
+                parent = h
+            start = len(hashes) * B
+            if n > start or ckpt:
+                tail = tokens[start:]
+                cid = checkpoint_id(parent, tail)
+                with self.index.read() as txn:
+                    have = self.index.get(txn, cid) is not None
+                if have:
+                    result.records_skipped += 1
+                else:
+                    kind = KIND_CHECKPOINT if ckpt else KIND_TAIL
+                    new.append(self._write_tail(ns, kind, cid, parent, cache, split, ckpt, start, n, packed, now))
+            self._commit(new, result)
+        if self.disk_bytes is not None:
+            result.evicted = len(self.evict_to(self.disk_bytes))
+        return result
+
+    def _write_tail(self, ns, kind, cid, parent, cache, split, ckpt, start, n, packed, now) -> Record:
+        tensors = []
+        for li in split:
+            for suffix, dt, view in L.kv_rows(cache[li], start, n):
+                tensors.append(TensorSource(f"{li}.{suffix}", dt, view))
+        states = {}
+        for li in ckpt:
+            arrays, meta = L.encode_state(cache[li])
+            states[str(li)] = meta
+            for name, a in arrays.items():
+                tensors.append(TensorSource(f"{li}.s.{name}", dtype_name(a.dtype), as_numpy(a)))
+        rec = Record(cid, kind, ns, parent, 0, 0, now, now, 0, n, packed[start * 4 :])
+        meta = {"tiercache": "checkpoint", "format": str(FORMAT_VERSION), "states": json.dumps(states)}
+        rec.nbytes, rec.checksum = write_tensor_file(self.file_path(rec), tensors, meta)
+        return rec
+
+    def _commit(self, new: list[Record], result: SaveResult) -> None:
+        if not new:
+            return
+
+        def fn(txn):
+            return [r for r in new if self.index.insert(txn, r)]
+
+        added = self.index.write(fn)
+        result.records_written += len(added)
+        result.bytes_written += sum(r.nbytes for r in added)
+
+    # --- lookup -------------------------------------------------------------------------
+
+    def longest_prefix(
+        self,
+        ns: Namespace,
+        tokens: Sequence[int],
+        salt: str | bytes | None = None,
+        limit: int | None = None,
+    ) -> RestorePlan:
+        """Finds the longest stored prefix of ``tokens`` that can be restored exactly.
+
+        Args:
+            ns: namespace.
+            tokens: the prompt.
+            salt: tenant salt (must equal the one used to save).
+            limit: restore at most this many tokens (callers pass ``len - 1`` so a
+                hit always leaves a token to prefill).
+
+        Returns:
+            A plan; ``plan.n_tokens == 0`` is a miss.
+        """
+        desc = self.layer_desc(ns)
+        plan = RestorePlan(ns, layer_desc=desc or [])
+        tokens = list(tokens)
+        limit = len(tokens) if limit is None else max(0, min(limit, len(tokens)))
+        if desc is None or limit == 0:
+            return plan
+        B = self.block_size
+        root = chain_root(ns, salt)
+        hashes = block_hashes(root, tokens[:limit], B)
+        packed = pack_tokens(tokens[:limit])
+        trimmable = L.all_splittable(desc)
+        ix = self.index
+        with ix.read() as txn:
+            chain: list[Record] = []
+            parent = root
+            for i, h in enumerate(hashes):
+                rec = ix.get(txn, h)
+                if (
+                    rec is None
+                    or rec.kind != KIND_BLOCK
+                    or rec.namespace != ns
+                    or rec.parent != parent
+                    or rec.tokens != packed[i * 4 * B : (i + 1) * 4 * B]
+                ):
+                    break
+                chain.append(rec)
+                parent = h
+            if trimmable:
+                base = len(chain) * B
+                rest = packed[base * 4 :]
+                best, best_c = None, 0
+                if rest:
+                    for cid in ix.child_ids(txn, parent):
+                        rec = ix.get(txn, cid)
+                        if rec is None or rec.kind == KIND_CHECKPOINT or rec.parent != parent:
+                            continue
+                        c = _common_prefix(rec.tokens, rest)
+                        if c > best_c:
+                            best, best_c = rec, c
+                plan.chain, plan.last, plan.n_tokens = chain, best, base + best_c
+                return plan
+            # Non-trimmable layers: only exact checkpoint positions count.
+            for j in range(len(chain), -1, -1):
+                p_hash = chain[j - 1].id if j else root
+                base = j * B
+                best = None
+                for cid in ix.child_ids(txn, p_hash):
+                    rec = ix.get(txn, cid)
+                    if (
+                        rec is None
+                        or rec.kind != KIND_CHECKPOINT
+                        or rec.parent != p_hash
+                        or rec.position > limit
+                        or rec.tokens != packed[base * 4 : rec.position * 4]
+                    ):
+                        continue
+                    if best is None or rec.position > best.position:
+                        best = rec
+                if best is not None:
+                    plan.chain, plan.last, plan.n_tokens = chain[:j], best, best.position
+                    return plan
+        return plan
+
+    # --- restore ------------------------------------------------------------------------
+
+    def restore(self, plan: RestorePlan) -> list | None:
+        """Builds mlx-lm cache objects for a plan, verifying every file.
+
+        Raises:
+            RestoreError: a file is missing, truncated or fails its checksum.
+        """
+        if plan.n_tokens == 0:
+            return None
+        desc = plan.layer_desc
+        split = {i for i, d in enumerate(desc) if L.is_splittable(d)}
+        n_total = plan.n_tokens
+        dests: dict[tuple[int, str], tuple[mx.array, np.ndarray]] = {}
+        states: dict[str, dict] = {}
+        state_arrays: dict[int, dict[str, mx.array]] = {}
+        row = 0
+        for rec in plan.records:
+            use = min(rec.n_tokens, n_total - row)
+            try:
+                meta = self._read_record(rec, use, row, n_total, split, dests, state_arrays)
+            except (BlockFileError, OSError, KeyError, ValueError, TypeError) as e:
+                raise RestoreError(rec, str(e)) from None
+            if meta is not None:
+                states = meta
+            row += use
+        cache: list[Any] = []
+        for i, d in enumerate(desc):
+            if i in split:
+                arrays = {s: dests[(i, s)][0] for s in L.kv_suffixes(d) if (i, s) in dests}
+                if len(arrays) != len(L.kv_suffixes(d)):
+                    raise RestoreError(plan.records[-1], f"layer {i} missing from files")
+                cache.append(L.build_splittable(d, arrays, n_total))
+            else:
+                meta = states.get(str(i))
+                if meta is None:
+                    raise RestoreError(plan.records[-1], f"no state for layer {i}")
+                cache.append(L.decode_state(meta, state_arrays.get(i, {})))
+        return cache
+
+    def _read_record(self, rec, use, row, n_total, split, dests, state_arrays):
+        r = HashingReader(self.file_path(rec), rec.nbytes)
+        states = None
+        try:
+            for name in r.tensors_in_order():
+                dt, shape, s, e = r.tensor_info(name)
+                li_str, _, suffix = name.partition(".")
+                li = int(li_str)
+                r.skip_to(s)
+                if suffix.startswith("s."):
+                    arr = np.empty(shape, dtype=np_dtype(dt))
+                    r.readinto(memoryview(arr).cast("B"))
+                    a = mx.array(arr)
+                    if mx_dtype(dt) == mx.bfloat16:
+                        a = a.view(mx.bfloat16)
+                    state_arrays.setdefault(li, {})[suffix[2:]] = a
+                    continue
+                if li not in split or len(shape) != 4 or shape[2] != rec.n_tokens:
+                    raise BlockFileError(f"unexpected tensor {name} {shape}")
+                key = (li, suffix)
+                if key not in dests:
+                    dest = mx.empty((shape[0], shape[1], n_total, shape[3]), dtype=mx_dtype(dt))
+                    dests[key] = (dest, as_numpy(dest))
+                dview = dests[key][1]
+                if dview.shape[:2] != tuple(shape[:2]) or dview.shape[3] != shape[3]:
+                    raise BlockFileError(f"tensor {name} shape {shape} differs between files")
+                if use == shape[2]:
+                    # Each (batch, head) plane of the file lands in one contiguous run.
+                    for b in range(shape[0]):
+                        for h in range(shape[1]):
+                            r.readinto(memoryview(dview[b, h, row : row + use]).cast("B"))
+                else:
+                    scratch = np.empty(shape, dtype=dview.dtype)
+                    r.readinto(memoryview(scratch).cast("B"))
+                    dview[:, :, row : row + use] = scratch[:, :, :use]
+            raw_states = (r.header.get("__metadata__") or {}).get("states")
+            if raw_states is not None:
+                states = json.loads(raw_states)
+            r.finish(rec.checksum)
+        finally:
+            r.close()
+        return states
+
+    def fetch(
+        self,
+        ns: Namespace,
+        tokens: Sequence[int],
+        salt: str | bytes | None = None,
+        limit: int | None = None,
+    ) -> tuple[list | None, int]:
+        """Longest valid prefix, restored. Bad files are dropped and the search retried.
+
+        Never raises for a bad file: the worst outcome is a miss.
+
+        Returns:
+            ``(cache or None, tokens covered)``.
+        """
+        for _ in range(8):
+            plan = self.longest_prefix(ns, tokens, salt=salt, limit=limit)
+            if plan.n_tokens == 0:
+                return None, 0
+            try:
+                cache = self.restore(plan)
+            except RestoreError as e:
+                self.counters["corrupt_records"] += 1
+                log.warning("dropping bad disk record %s: %s", e.record.id.hex(), e.reason)
+                self.remove_records([e.record.id])
+                continue
+            self.touch(plan.records)
+            return cache, plan.n_tokens
+        return None, 0
+
+    # --- access times -------------------------------------------------------------------
+
+    def touch(self, records: Sequence[Record]) -> None:
+        """Queues access-time updates; :meth:`flush_touches` writes them in one txn."""
+        now = time.time()
+        with self._touch_lock:
+            for rec in records:
+                t = self._touches.setdefault(rec.id, [now, 0])
+                t[0] = now
+                t[1] += 1
+
+    def flush_touches(self) -> None:
+        with self._touch_lock:
+            pending, self._touches = self._touches, {}
+        if not pending or self.readonly:
+            return
+
+        def fn(txn):
+            for rid, (when, hits) in pending.items():
+                self.index.touch(txn, rid, when, hits)
+
+        self.index.write(fn)
+
+    # --- removal and budget -------------------------------------------------------------
+
+    def remove_records(self, ids: Sequence[bytes]) -> list[Record]:
+        """Deletes records (index first, commit, then files)."""
+
+        def fn(txn):
+            return [r for r in (self.index.delete(txn, rid) for rid in ids) if r is not None]
+
+        removed = self.index.write(fn)
+        for rec in removed:
+            try:
+                self.file_path(rec).unlink()
+            except FileNotFoundError:
+                pass
+        return removed
+
+    def eviction_order(self) -> list[Record]:
+        """Every record in the order eviction would take them: LRU among leaves."""
+        self.flush_touches()
+        with self.index.read() as txn:
+            recs = {}
+            for rid, raw in self.index.iter_records(txn):
+                try:
+                    recs[rid] = Record.decode(rid, raw)
+                except ValueError:
+                    continue
+        n_children: dict[bytes, int] = {}
+        for r in recs.values():
+            n_children[r.parent] = n_children.get(r.parent, 0) + 1
+        # Deeper first on equal times so a snapshot's own chain goes leaf to root.
+        heap = [(r.last_access, -r.position, r.id) for r in recs.values() if not n_children.get(r.id)]
+        heapq.heapify(heap)
+        order = []
+        while heap:
+            _, _, rid = heapq.heappop(heap)
+            rec = recs[rid]
+            order.append(rec)
+            p = rec.parent
+            if p in n_children:
+                n_children[p] -= 1
+                if n_children[p] == 0 and p in recs:
+                    pr = recs[p]
+                    heapq.heappush(heap, (pr.last_access, -pr.position, p))
+        return order
+
+    def evict_to(self, target_bytes: int) -> list[Record]:
+        """Evicts least recently used leaves until stored bytes <= target."""
+        with self.index.read() as txn:
+            total = self.index.total_bytes(txn)
+        if total <= target_bytes:
+            return []
+        victims = []
+        for rec in self.eviction_order():
+            if total <= target_bytes:
+                break
+            victims.append(rec.id)
+            total -= rec.nbytes
+        removed = self.remove_records(victims)
+        self.counters["evicted_records"] += len(removed)
+        self.counters["evicted_bytes"] += sum(r.nbytes for r in removed)
+        return removed
+
+    def clear(self, namespace: bytes | None = None) -> int:
+        """Removes every record (of one namespace). Returns how many."""
+        with self.index.read() as txn:
+            ids = []
+            for rid, raw in self.index.iter_records(txn):
+                if namespace is None:
+                    ids.append(rid)
+                    continue
+                try:
+                    if Record.decode(rid, raw).namespace == namespace:
+                        ids.append(rid)
+                except ValueError:
+                    ids.append(rid)
+        return len(self.remove_records(ids))
+
+    # --- stats and maintenance ----------------------------------------------------------
+
+    def total_bytes(self) -> int:
+        with self.index.read() as txn:
+            return self.index.total_bytes(txn)
+
+    def n_records(self) -> int:
+        with self.index.read() as txn:
+            return txn.stat(self.index.records)["entries"]
+
+    def stats(self) -> dict:
+        """Cheap summary: records, bytes, budget (no scan)."""
+        return {
+            "entries": self.n_records(),
+            "bytes": self.total_bytes(),
+            "budget_bytes": self.disk_bytes,
+            "block_size": self.block_size,
+            **self.counters,
+        }
+
+    def check(self, fix: bool = False, temp_grace: float = 60.0) -> list:
+        """Finds (and with ``fix`` repairs) every inconsistency; see tiercache.check."""
+        from .check import check_store
+
+        return check_store(self, fix=fix, temp_grace=temp_grace)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.flush_touches()
+        finally:
+            self._closed = True
+            self.index.close()
+
+    def __enter__(self) -> "DiskStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,235 @@
+"""Our own, versioned layout of mlx-lm cache layers.
+
+mlx-lm's ``state`` changed shape between releases (0.32 returns padded buffers), so
+we never store ``state``: we store live rows and the few integers needed to rebuild
+each class, and rebuild objects through an explicit allow-list of classes.
+
+Two kinds of layers:
+
+* **splittable** (``KVCache``, ``QuantizedKVCache``, ``ConcatenateKVCache``): rows
+  along the sequence axis can be cut into blocks and concatenated back.
+* **checkpoint** (``RotatingKVCache``, ``ArraysCache``, ``ChunkedKVCache``,
+  ``CacheList``): state that only exists at one exact token position; stored whole.
+  A ``RotatingKVCache`` is always stored whole: it is bounded by its window, and
+  once wrapped its rows can't be split anyway.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models import cache as mlc
+
+from .blockfile import as_numpy, dtype_name
+
+SPLITTABLE = ("KVCache", "QuantizedKVCache", "ConcatenateKVCache")
+
+#: Classes we are willing to build when reading a file. Nothing else is ever instantiated.
+ALLOWED_CLASSES = {
+    "KVCache": mlc.KVCache,
+    "QuantizedKVCache": mlc.QuantizedKVCache,
+    "ConcatenateKVCache": mlc.ConcatenateKVCache,
+    "RotatingKVCache": mlc.RotatingKVCache,
+    "ArraysCache": mlc.ArraysCache,
+    "ChunkedKVCache": mlc.ChunkedKVCache,
+    "CacheList": mlc.CacheList,
+}
+
+
+class UnsupportedCacheError(ValueError):
+    """A cache layer class we don't know how to store."""
+
+
+def _class_name(layer: Any) -> str:
+    name = type(layer).__name__
+    if name not in ALLOWED_CLASSES or type(layer) is not ALLOWED_CLASSES[name]:
+        raise UnsupportedCacheError(f"cache class {type(layer).__qualname__} is not supported")
+    return name
+
+
+def _dtype_of(layer: Any) -> str | None:
+    keys = getattr(layer, "keys", None)
+    if isinstance(keys, (tuple, list)):
+        keys = keys[1]  # quantized: (wq, scales, biases): scales carry the dtype
+    return dtype_name(keys.dtype) if isinstance(keys, mx.array) else None
+
+
+def describe_layer(layer: Any) -> dict:
+    """JSON-able description of one layer: class, dtype and class parameters."""
+    name = _class_name(layer)
+    d: dict = {"class": name}
+    if name == "CacheList":
+        d["children"] = [describe_layer(c) for c in layer.caches]
+    elif name == "ArraysCache":
+        d["dtypes"] = [dtype_name(a.dtype) if a is not None else None for a in layer.cache]
+    else:
+        d["dtype"] = _dtype_of(layer)
+    if name == "QuantizedKVCache":
+        d["group_size"], d["bits"] = layer.group_size, layer.bits
+    elif name == "RotatingKVCache":
+        d["max_size"], d["keep"] = layer.max_size, layer.keep
+    elif name == "ChunkedKVCache":
+        d["chunk_size"] = layer.chunk_size
+    return d
+
+
+def describe_cache(cache: list) -> list[dict]:
+    """Descriptions of every layer of a prompt cache (part of the namespace)."""
+    return [describe_layer(c) for c in cache]
+
+
+def is_splittable(desc: dict) -> bool:
+    return desc["class"] in SPLITTABLE
+
+
+def all_splittable(layer_desc: list[dict]) -> bool:
+    """True when every layer can be cut at any token (token-level prefix reuse)."""
+    return all(is_splittable(d) for d in layer_desc)
+
+
+def layer_offset(layer: Any) -> int | None:
+    """Tokens a layer holds, where the class records it."""
+    return getattr(layer, "offset", None)
+
+
+def _kv_arrays(layer: Any) -> list[tuple[str, mx.array]]:
+    name = type(layer).__name__
+    if name == "QuantizedKVCache":
+        return [(f"k{i}", a) for i, a in enumerate(layer.keys)] + [
+            (f"v{i}", a) for i, a in enumerate(layer.values)
+        ]
+    return [("k", layer.keys), ("v", layer.values)]
+
+
+def kv_rows(layer: Any, start: int, end: int) -> list[tuple[str, str, np.ndarray]]:
+    """Zero-copy views of rows ``[start, end)`` of a splittable layer.
+
+    Returns:
+        ``(suffix, safetensors dtype, numpy view)`` per tensor, shape ``(B, H, n, D)``.
+    """
+    out = []
+    for suffix, a in _kv_arrays(layer):
+        view = as_numpy(a)[..., start:end, :]
+        out.append((suffix, dtype_name(a.dtype), view))
+    return out
+
+
+def kv_suffixes(desc: dict) -> list[str]:
+    if desc["class"] == "QuantizedKVCache":
+        return ["k0", "k1", "k2", "v0", "v1", "v2"]
+    return ["k", "v"]
+
+
+def build_splittable(desc: dict, arrays: dict[str, mx.array], n_tokens: int) -> Any:
+    """Rebuilds a splittable layer whose arrays hold exactly ``n_tokens`` rows."""
+    cls = ALLOWED_CLASSES[desc["class"]]
+    if desc["class"] == "QuantizedKVCache":
+        layer = cls(group_size=desc["group_size"], bits=desc["bits"])
+        layer.keys = tuple(arrays[f"k{i}"] for i in range(3))
+        layer.values = tuple(arrays[f"v{i}"] for i in range(3))
+    else:
+        layer = cls()
+        layer.keys, layer.values = arrays["k"], arrays["v"]
+    layer.offset = n_tokens
+    return layer
+
+
+def _temporal(layer: Any, v: mx.array) -> mx.array:
+    """Rows of a RotatingKVCache buffer in the order the tokens came."""
+    idx, keep = layer._idx, layer.keep
+    if idx == v.shape[2]:
+        return v
+    if idx < layer.offset:
+        return mx.concatenate([v[..., :keep, :], v[..., idx:, :], v[..., keep:idx, :]], axis=2)
+    return v[..., :idx, :]
+
+
+def encode_state(layer: Any, prefix: str = "") -> tuple[dict[str, mx.array], dict]:
+    """Whole state of a checkpoint layer as tensors plus JSON metadata."""
+    name = _class_name(layer)
+    tensors: dict[str, mx.array] = {}
+    meta: dict = {"class": name}
+    if name == "CacheList":
+        meta["children"] = []
+        for j, child in enumerate(layer.caches):
+            t, m = encode_state(child, f"{prefix}c{j}.")
+            tensors.update(t)
+            meta["children"].append(m)
+        return tensors, meta
+    if name == "ArraysCache":
+        if layer.left_padding is not None or layer.lengths is not None:
+            raise UnsupportedCacheError("batched ArraysCache state can't be stored")
+        meta["size"] = len(layer.cache)
+        meta["present"] = [a is not None for a in layer.cache]
+        for j, a in enumerate(layer.cache):
+            if a is not None:
+                tensors[f"{prefix}a{j}"] = a
+        return tensors, meta
+    if layer.keys is None:
+        meta["empty"] = True
+        return tensors, meta
+    if name == "RotatingKVCache":
+        k, v = _temporal(layer, layer.keys), _temporal(layer, layer.values)
+        meta.update(offset=layer.offset, keep=layer.keep, max_size=layer.max_size)
+    elif name == "ChunkedKVCache":
+        live = layer.offset - layer.start_position
+        k, v = layer.keys[..., :live, :], layer.values[..., :live, :]
+        meta.update(
+            offset=layer.offset,
+            chunk_size=layer.chunk_size,
+            start_position=layer.start_position,
+        )
+    elif name == "QuantizedKVCache":
+        for i in range(3):
+            tensors[f"{prefix}k{i}"] = layer.keys[i][..., : layer.offset, :]
+            tensors[f"{prefix}v{i}"] = layer.values[i][..., : layer.offset, :]
+        meta.update(offset=layer.offset, group_size=layer.group_size, bits=layer.bits)
+        return tensors, meta
+    else:  # KVCache / ConcatenateKVCache inside a CacheList
+        k, v = layer.keys[..., : layer.offset, :], layer.values[..., : layer.offset, :]
+        meta["offset"] = layer.offset
+    tensors[f"{prefix}k"], tensors[f"{prefix}v"] = k, v
+    return tensors, meta
+
+
+def decode_state(meta: dict, tensors: dict[str, mx.array], prefix: str = "") -> Any:
+    """Inverse of :func:`encode_state`; only builds allow-listed classes."""
+    name = meta.get("class")
+    if name not in ALLOWED_CLASSES:
+        raise UnsupportedCacheError(f"refusing to build cache class {name!r}")
+    cls = ALLOWED_CLASSES[name]
+    if name == "CacheList":
+        children = [
+            decode_state(m, tensors, f"{prefix}c{j}.") for j, m in enumerate(meta["children"])
+        ]
+        return cls(*children)
+    if name == "ArraysCache":
+        layer = cls(int(meta["size"]))
+        layer.cache = [
+            tensors[f"{prefix}a{j}"] if present else None
+            for j, present in enumerate(meta["present"])
+        ]
+        return layer
+    if name == "RotatingKVCache":
+        layer = cls(max_size=int(meta.get("max_size", 0) or 0), keep=int(meta.get("keep", 0)))
+    elif name == "ChunkedKVCache":
+        layer = cls(int(meta.get("chunk_size", 0)))
+    elif name == "QuantizedKVCache":
+        layer = cls(group_size=int(meta.get("group_size", 64)), bits=int(meta.get("bits", 8)))
+    else:
+        layer = cls()
+    if meta.get("empty"):
+        return layer
+    if name == "QuantizedKVCache":
+        layer.keys = tuple(tensors[f"{prefix}k{i}"] for i in range(3))
+        layer.values = tuple(tensors[f"{prefix}v{i}"] for i in range(3))
+    else:
+        layer.keys, layer.values = tensors[f"{prefix}k"], tensors[f"{prefix}v"]
+    layer.offset = int(meta["offset"])
+    if name == "RotatingKVCache":
+        layer._idx = layer.keys.shape[2]
+    elif name == "ChunkedKVCache":
+        layer.start_position = int(meta["start_position"])
+    return layer
