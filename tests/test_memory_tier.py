@@ -479,6 +479,7 @@ def test_thread_hammering():
     check_invariants(mc)
     assert mc.nbytes <= 50_000 and len(mc) <= 12
     assert mc.counters["evicted_bytes"] == evicted_bytes[0]
+    assert mc.counters["hits"] > 0 and mc.counters["evictions"] > 0
 
 
 # --------------------------------------------------------------- long prompts
@@ -527,7 +528,7 @@ ops = st.lists(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops)
 def test_property_fetch_matches_brute_force(operations):
     mc = MemoryPromptCache(max_size=1000)

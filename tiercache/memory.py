@@ -34,7 +34,9 @@ token fits without growing); hit, then one decode-step write to every layer:
 
 In mlx 0.32 ``copy.deepcopy`` of an array is itself lazy and copy-on-write, so
 clone and deepcopy cost the same memory: while the stored entry stays, the
-caller needs its own buffers. Only handover avoids the second copy.
+caller needs its own buffers. Only handover avoids the second copy. (Clone is
+~4x cheaper in CPU: 0.035 ms vs 0.13 ms for 32 KVCache layers.) A fetch of a
+32K-token query among 21 stored 16K-32K-token entries takes ~0.2 ms.
 """
 
 from __future__ import annotations
