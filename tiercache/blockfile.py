@@ -107,6 +107,8 @@ def _header_bytes(tensors: Sequence[TensorSource], metadata: dict[str, str]) -> 
 
 def _write_rows(f, h, arr: np.ndarray) -> None:
     """Writes ``arr`` in C order without copying when its inner rows are contiguous."""
+    if arr.size == 0:  # e.g. the empty tail of a checkpoint taken on a block boundary
+        return
     if arr.flags.c_contiguous:
         mv = memoryview(arr).cast("B")
         f.write(mv)
@@ -137,6 +139,21 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def make_private_dirs(folder: Path) -> None:
+    """Creates ``folder`` and its missing parents, each 0700.
+
+    (``Path.mkdir(parents=True)`` gives the parents the default mode.)
+    """
+    if folder.is_dir():
+        return
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for d in reversed(missing):
+        d.mkdir(mode=DIR_MODE, exist_ok=True)
+
+
 def write_tensor_file(
     path: Path, tensors: Sequence[TensorSource], metadata: dict[str, str]
 ) -> tuple[int, int]:
@@ -150,7 +167,7 @@ def write_tensor_file(
     Returns:
         ``(file size in bytes, xxh3_64 of the file bytes)``.
     """
-    path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    make_private_dirs(path.parent)
     tmp = path.with_name(f"{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
     h = xxhash.xxh3_64()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), FILE_MODE)

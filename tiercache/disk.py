@@ -281,7 +281,9 @@ class DiskStore:
         Args:
             ns: a registered namespace.
             tokens: the tokens the cache holds, in order.
-            cache: mlx-lm cache objects (evaluated), one per layer.
+            cache: mlx-lm cache objects (evaluated), one per layer, or their
+                :func:`tiercache.layers.to_host` form (what the background writer
+                passes: it runs no MLX operation off the MLX thread).
             salt: optional tenant salt mixed into the chain root.
 
         Returns:
@@ -362,10 +364,10 @@ class DiskStore:
                 tensors.append(TensorSource(f"{li}.{suffix}", dt, view))
         states = {}
         for li in ckpt:
-            arrays, meta = L.encode_state(cache[li])
+            arrays, meta = L.host_state(cache[li])
             states[str(li)] = meta
-            for name, a in arrays.items():
-                tensors.append(TensorSource(f"{li}.s.{name}", dtype_name(a.dtype), as_numpy(a)))
+            for name, dt, view in arrays:
+                tensors.append(TensorSource(f"{li}.s.{name}", dt, view))
         rec = Record(cid, kind, ns, parent, 0, 0, now, now, 0, n, packed[start * 4 :])
         meta = {"tiercache": "checkpoint", "format": str(FORMAT_VERSION), "states": json.dumps(states)}
         rec.nbytes, rec.checksum = write_tensor_file(self.file_path(rec), tensors, meta)
@@ -532,6 +534,8 @@ class DiskStore:
                 dview = dests[key][1]
                 if dview.shape[:2] != tuple(shape[:2]) or dview.shape[3] != shape[3]:
                     raise BlockFileError(f"tensor {name} shape {shape} differs between files")
+                if use == 0:
+                    continue  # empty tail of a checkpoint on a block boundary
                 if use == shape[2]:
                     # Each (batch, head) plane of the file lands in one contiguous run.
                     for b in range(shape[0]):
