@@ -16,6 +16,8 @@ Two kinds of layers:
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -42,6 +44,64 @@ class UnsupportedCacheError(ValueError):
     """A cache layer class we don't know how to store."""
 
 
+@dataclass
+class HostLayer:
+    """A layer's bytes as numpy views, made on the MLX thread for the disk writer.
+
+    Attributes:
+        desc: the layer's description (see :func:`describe_layer`).
+        offset: tokens held (splittable layers).
+        arrays: tensor name -> (safetensors dtype, numpy view). For splittable
+            layers the names are the k/v suffixes and views cover the whole buffer;
+            for checkpoint layers they are :func:`encode_state`'s names.
+        meta: :func:`encode_state` metadata (checkpoint layers only).
+    """
+
+    desc: dict
+    offset: int | None
+    arrays: dict
+    meta: dict | None = None
+
+
+def to_host(prompt_cache: list) -> list[HostLayer]:
+    """Writer-safe numpy views of a prompt cache, without copying its data.
+
+    Must run on the thread that owns MLX. Each array gets a *new* handle on the
+    same buffer before it is viewed: a later in-place write by the caller rebinds
+    only the caller's handle, and MLX copies the buffer because ours still holds
+    it, so the views never change while the writer reads them.
+    """
+    pending = []
+    out = []
+    for layer in prompt_cache:
+        if isinstance(layer, HostLayer):
+            out.append(layer)
+            continue
+        d = describe_layer(layer)
+        if is_splittable(d):
+            named, meta = _kv_arrays(layer), None
+        else:
+            tensors, meta = encode_state(layer)
+            named = list(tensors.items())
+        handles = []
+        for name, a in named:
+            h = copy.copy(a)
+            v = h.view(mx.uint16) if h.dtype == mx.bfloat16 else h
+            handles.append((name, dtype_name(a.dtype), v))
+            pending.append(v)
+        out.append((d, layer_offset(layer) if meta is None else None, handles, meta))
+    mx.eval(pending)
+    result = []
+    for item in out:
+        if isinstance(item, HostLayer):
+            result.append(item)
+            continue
+        d, off, handles, meta = item
+        arrays = {name: (dt, np.array(v, copy=False)) for name, dt, v in handles}
+        result.append(HostLayer(d, off, arrays, meta))
+    return result
+
+
 def _class_name(layer: Any) -> str:
     name = type(layer).__name__
     if name not in ALLOWED_CLASSES or type(layer) is not ALLOWED_CLASSES[name]:
@@ -58,6 +118,8 @@ def _dtype_of(layer: Any) -> str | None:
 
 def describe_layer(layer: Any) -> dict:
     """JSON-able description of one layer: class, dtype and class parameters."""
+    if isinstance(layer, HostLayer):
+        return layer.desc
     name = _class_name(layer)
     d: dict = {"class": name}
     if name == "CacheList":
@@ -91,6 +153,8 @@ def all_splittable(layer_desc: list[dict]) -> bool:
 
 def layer_offset(layer: Any) -> int | None:
     """Tokens a layer holds, where the class records it."""
+    if isinstance(layer, HostLayer):
+        return layer.offset
     return getattr(layer, "offset", None)
 
 
@@ -109,6 +173,8 @@ def kv_rows(layer: Any, start: int, end: int) -> list[tuple[str, str, np.ndarray
     Returns:
         ``(suffix, safetensors dtype, numpy view)`` per tensor, shape ``(B, H, n, D)``.
     """
+    if isinstance(layer, HostLayer):
+        return [(s, dt, v[..., start:end, :]) for s, (dt, v) in layer.arrays.items()]
     out = []
     for suffix, a in _kv_arrays(layer):
         view = as_numpy(a)[..., start:end, :]
@@ -144,6 +210,14 @@ def _temporal(layer: Any, v: mx.array) -> mx.array:
     if idx < layer.offset:
         return mx.concatenate([v[..., :keep, :], v[..., idx:, :], v[..., keep:idx, :]], axis=2)
     return v[..., :idx, :]
+
+
+def host_state(layer: Any) -> tuple[list[tuple[str, str, np.ndarray]], dict]:
+    """``encode_state`` as ``(name, dtype, numpy view)`` triples, for writing."""
+    if isinstance(layer, HostLayer):
+        return [(n, dt, v) for n, (dt, v) in layer.arrays.items()], layer.meta
+    tensors, meta = encode_state(layer)
+    return [(n, dtype_name(a.dtype), as_numpy(a)) for n, a in tensors.items()], meta
 
 
 def encode_state(layer: Any, prefix: str = "") -> tuple[dict[str, mx.array], dict]:

@@ -28,21 +28,20 @@ def probe_layer_desc(model: Any) -> list[dict]:
     cache = make_prompt_cache(model)
     out = model(mx.array([[0]]), cache=cache)
     mx.eval(out)
-    for c in cache:
-        mx.eval([a for a in _arrays(c)])
+    mx.eval(list(cache_arrays(cache)))
     return describe_cache(cache)
 
 
-def _arrays(layer: Any):
-    for v in vars(layer).values():
-        if isinstance(v, mx.array):
-            yield v
-        elif isinstance(v, (list, tuple)):
-            for x in v:
-                if isinstance(x, mx.array):
-                    yield x
-                elif hasattr(x, "__dict__"):
-                    yield from _arrays(x)
+def cache_arrays(obj: Any):
+    """Every ``mx.array`` inside a prompt cache (nested lists and CacheLists too)."""
+    if isinstance(obj, mx.array):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for x in obj:
+            yield from cache_arrays(x)
+    elif hasattr(obj, "__dict__"):
+        for v in vars(obj).values():
+            yield from cache_arrays(v)
 
 
 def model_path_of(key: Any) -> Path | None:

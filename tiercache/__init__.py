@@ -1,0 +1,25 @@
+"""tiercache: a persistent, disk-backed, tiered prefix (KV) cache for MLX inference.
+
+The public API is small:
+
+* :class:`TieredPromptCache` — mlx-lm's ``LRUPromptCache`` interface over a memory
+  tier and a disk tier (the server's cache).
+* :class:`DiskStore` — the disk tier on its own (tools, import/export, warming).
+* :class:`MemoryPromptCache` — the memory tier on its own.
+* :class:`FetchInfo`, :class:`StoreError`, :func:`model_namespace`.
+"""
+
+from .disk import DiskStore, StoreError
+from .memory import MemoryPromptCache
+from .namespaces import model_namespace
+from .tiered import FetchInfo, TieredPromptCache
+
+__all__ = [
+    "DiskStore",
+    "FetchInfo",
+    "MemoryPromptCache",
+    "StoreError",
+    "TieredPromptCache",
+    "model_namespace",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,427 @@
+"""`TieredPromptCache`: mlx-lm's ``LRUPromptCache`` interface over memory + disk.
+
+* Memory tier: :class:`tiercache.memory.MemoryPromptCache` under ``max_bytes``.
+* Disk tier: :class:`tiercache.disk.DiskStore` under ``disk_bytes``, written by a
+  :class:`tiercache.writer.BackgroundWriter` so the generation thread never waits.
+* A lookup takes the memory result, asks the disk for a longer prefix, and restores
+  from disk when the disk offers at least ``min_promote_tokens`` more (any disk hit
+  counts when memory has nothing); the restored snapshot is promoted into memory.
+* ``write_policy="through"`` persists every insert (dedup makes that cheap, and an
+  eviction then costs nothing); ``"back"`` persists only what memory evicts.
+
+How a model key maps to a disk namespace: the key is whatever the caller uses
+(mlx_lm.server passes ``(model_path, adapter_path, draft_path)``). The namespace
+comes from the model folder's files and the cache layout, never from the key's
+spelling: call :meth:`TieredPromptCache.register_model` with the loaded model, or let
+the cache find the folder from the key (a path, or a tuple starting with one) — the
+layout is then read from the first inserted cache, and after a restart from the
+namespaces the store already holds for those files. Keys that name no local folder
+stay memory-only.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Hashable, Sequence
+
+import mlx.core as mx
+
+from . import layers as L
+from .disk import DiskStore
+from .hashing import Namespace, model_files_fingerprint, salt_bytes
+from .memory import MemoryPromptCache
+from .namespaces import cache_arrays, model_namespace, model_path_of
+from .writer import BackgroundWriter, WriteJob
+
+log = logging.getLogger("tiercache")
+
+WRITE_POLICIES = ("through", "back")
+
+
+@dataclass
+class FetchInfo:
+    """Where the tokens of the last :meth:`TieredPromptCache.fetch_nearest_cache` came from.
+
+    Attributes:
+        query_tokens: length of the query.
+        memory_tokens: tokens served from the memory tier.
+        disk_tokens: tokens restored from disk (then promoted into memory).
+        restore_seconds: time spent restoring from disk.
+    """
+
+    query_tokens: int = 0
+    memory_tokens: int = 0
+    disk_tokens: int = 0
+    restore_seconds: float = 0.0
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.memory_tokens + self.disk_tokens
+
+    @property
+    def source(self) -> str:
+        """``"memory"``, ``"disk"`` or ``"none"``."""
+        if self.disk_tokens:
+            return "disk"
+        return "memory" if self.memory_tokens else "none"
+
+
+class TieredPromptCache:
+    """A prefix cache that keeps hot snapshots in memory and everything on disk.
+
+    Args:
+        max_size: most snapshots held in memory.
+        max_bytes: memory budget in bytes (arrays' real ``nbytes``).
+        disk_dir: store folder; ``None`` makes a memory-only cache.
+        disk_bytes: disk budget; ``None`` is unlimited.
+        block_size: tokens per disk block (must match an existing store).
+        write_policy: ``"through"`` (persist every insert, asynchronously) or
+            ``"back"`` (persist what memory evicts).
+        prewarm_bytes: after start, read up to this many bytes of the most recently
+            used snapshots into the OS page cache in the background, so the first
+            hits after a restart restore at memory speed.
+        min_promote_tokens: disk must beat memory by this many tokens to be used
+            (default: one block).
+        writer_queue_bytes: bound on snapshots waiting for the writer; beyond it the
+            oldest pending writes are dropped and counted.
+        handover: give trimmable memory entries to the caller instead of cloning
+            them (the caller re-inserts the extended snapshot; see memory.py).
+    """
+
+    def __init__(
+        self,
+        max_size: int = 10,
+        max_bytes: int = 1 << 63,
+        *,
+        disk_dir=None,
+        disk_bytes: int | None = None,
+        block_size: int = 256,
+        write_policy: str = "through",
+        prewarm_bytes: int = 0,
+        min_promote_tokens: int | None = None,
+        writer_queue_bytes: int = 2 << 30,
+        handover: bool = True,
+    ):
+        if write_policy not in WRITE_POLICIES:
+            raise ValueError(f"write_policy must be one of {WRITE_POLICIES}, not {write_policy!r}")
+        if max_size < 0 or max_bytes < 0:
+            raise ValueError("max_size and max_bytes must be >= 0")
+        self.write_policy = write_policy
+        self.handover = handover
+        self.memory = MemoryPromptCache(max_size, max_bytes, on_evict=self._on_evict)
+        self.disk: DiskStore | None = None
+        self.writer: BackgroundWriter | None = None
+        if disk_dir is not None:
+            self.disk = DiskStore(disk_dir, block_size=block_size, disk_bytes=disk_bytes)
+            self.writer = BackgroundWriter(
+                self._write, max_queue_bytes=writer_queue_bytes, idle=self.disk.flush_touches
+            )
+        bs = self.disk.block_size if self.disk else block_size
+        self.min_promote_tokens = bs if min_promote_tokens is None else min_promote_tokens
+        self._ns_lock = threading.Lock()
+        self._ns_by_key: dict[Hashable, Namespace] = {}
+        self._files_fp: dict[Hashable, tuple | None] = {}
+        self._local = threading.local()
+        self.counters = {
+            "queries": 0,
+            "query_tokens": 0,
+            "disk_hits": 0,
+            "disk_hit_tokens": 0,
+            "promotions": 0,
+            "demotions": 0,
+            "restore_seconds": 0.0,
+        }
+        self._closed = False
+        if self.disk is not None and prewarm_bytes > 0:
+            threading.Thread(
+                target=self._prewarm, args=(prewarm_bytes,), name="tiercache-prewarm", daemon=True
+            ).start()
+
+    # --- namespaces ---------------------------------------------------------------------
+
+    def register_model(self, key: Hashable, model_path, model: Any = None) -> Namespace | None:
+        """Binds a cache key to the namespace of a loaded model (probes its cache layout)."""
+        if self.disk is None:
+            return None
+        ns = model_namespace(self.disk, model_path, model)
+        with self._ns_lock:
+            self._ns_by_key[key] = ns
+        return ns
+
+    def _files(self, key: Hashable):
+        if key not in self._files_fp:
+            path = model_path_of(key)
+            try:
+                self._files_fp[key] = model_files_fingerprint(path) if path else None
+            except OSError:
+                self._files_fp[key] = None
+            if self._files_fp[key] is None:
+                log.info("cache key %r names no local model folder: memory tier only", key)
+        return self._files_fp[key]
+
+    def _namespaces(self, key: Hashable) -> list[Namespace]:
+        """Candidate namespaces for a lookup under ``key``."""
+        if self.disk is None:
+            return []
+        with self._ns_lock:
+            if key in self._ns_by_key:
+                return [self._ns_by_key[key]]
+        files = self._files(key)
+        if files is None:
+            return []
+        return self.disk.namespaces_for_files(files[0])
+
+    def _namespace_for_insert(self, key: Hashable, prompt_cache: list) -> Namespace | None:
+        if self.disk is None:
+            return None
+        with self._ns_lock:
+            ns = self._ns_by_key.get(key)
+        if ns is not None:
+            return ns
+        files = self._files(key)
+        if files is None:
+            return None
+        ns = self.disk.register_namespace(files[0], L.describe_cache(prompt_cache), files[1])
+        with self._ns_lock:
+            self._ns_by_key[key] = ns
+        return ns
+
+    # --- the LRUPromptCache interface ---------------------------------------------------
+
+    @property
+    def last_fetch(self) -> FetchInfo:
+        """Where the calling thread's last fetch got its tokens."""
+        return getattr(self._local, "info", FetchInfo())
+
+    def fetch_nearest_cache(
+        self, model: Hashable, tokens: Sequence[int], *, salt: str | bytes | None = None
+    ):
+        """Best cached prefix of ``tokens`` across both tiers.
+
+        Returns:
+            ``(cache or None, remaining tokens)``. The remainder is never empty: an
+            exact hit gives back the last token (mlx-lm #1215). The cache belongs to
+            the caller. :attr:`last_fetch` says where the tokens came from.
+        """
+        tokens = list(tokens)
+        info = FetchInfo(query_tokens=len(tokens))
+        self._local.info = info
+        self.counters["queries"] += 1
+        self.counters["query_tokens"] += len(tokens)
+        if not tokens:
+            return None, tokens
+        limit = len(tokens) - 1
+        sb = salt_bytes(salt)
+        plans = []
+        for ns in self._namespaces(model):
+            plan = self.disk.longest_prefix(ns, tokens, salt=sb, limit=limit)
+            if plan.n_tokens:
+                plans.append(plan)
+        disk_best = max((p.n_tokens for p in plans), default=0)
+        hit = self.memory.fetch((model, sb), tokens, limit=limit, handover=self.handover)
+        mem_n = hit.n_tokens if hit else 0
+        if disk_best > mem_n and (mem_n == 0 or disk_best - mem_n >= self.min_promote_tokens):
+            t0 = time.perf_counter()
+            cache, n = self._restore(plans, tokens, sb, limit)
+            dt = time.perf_counter() - t0
+            if cache is not None and n > mem_n:
+                if hit is not None and hit.prompt_cache is not None:
+                    self._give_back(model, sb, tokens, hit)
+                self.memory.insert((model, sb), tokens[:n], cache, cache_type="user")
+                info.disk_tokens, info.restore_seconds = n, dt
+                self.counters["disk_hits"] += 1
+                self.counters["disk_hit_tokens"] += n
+                self.counters["promotions"] += 1
+                self.counters["restore_seconds"] += dt
+                return cache, tokens[n:]
+        if hit is None:
+            return None, tokens
+        info.memory_tokens = mem_n
+        return hit.prompt_cache, tokens[mem_n:]
+
+    def _restore(self, plans, tokens, salt, limit):
+        best = (None, 0)
+        for plan in sorted(plans, key=lambda p: -p.n_tokens):
+            cache, n = self.disk.fetch(plan.namespace, tokens, salt=salt, limit=limit)
+            if n > best[1]:
+                best = (cache, n)
+                break
+        return best
+
+    def _give_back(self, model, salt, tokens, hit) -> None:
+        """Re-inserts a handed-over memory entry the caller won't use."""
+        if hit.n_tokens:
+            self.memory.insert((model, salt), tokens[: hit.n_tokens], hit.prompt_cache, cache_type=hit.cache_type)
+
+    def insert_cache(
+        self,
+        model: Hashable,
+        tokens: Sequence[int],
+        prompt_cache: list,
+        *,
+        cache_type: str = "assistant",
+        salt: str | bytes | None = None,
+    ) -> None:
+        """Stores a snapshot in memory and (write-through) queues it for disk.
+
+        The arrays are evaluated here, on the caller's thread; the writer only
+        reads evaluated buffers. Costs the caller no disk I/O.
+        """
+        tokens = list(tokens)
+        if not tokens or not prompt_cache:
+            return
+        sb = salt_bytes(salt)
+        mx.eval(list(cache_arrays(prompt_cache)))
+        if self.disk is not None and self.write_policy == "through":
+            self._submit(model, sb, tokens, prompt_cache)
+        self.memory.insert((model, sb), tokens, prompt_cache, cache_type=cache_type)
+
+    def _submit(self, model, salt, tokens, prompt_cache) -> None:
+        try:
+            ns = self._namespace_for_insert(model, prompt_cache)
+            if ns is None:
+                return
+            host = L.to_host(prompt_cache)
+        except (L.UnsupportedCacheError, ValueError, OSError) as e:
+            log.warning("snapshot not persisted: %s", e)
+            return
+        nbytes = sum(c.nbytes for c in prompt_cache)
+        self.writer.submit(WriteJob(ns, tuple(tokens), host, salt, nbytes))
+
+    def _write(self, ns, tokens, host, salt) -> None:
+        self.disk.save(ns, tokens, host, salt=salt or None)
+
+    def _on_evict(self, key, tokens, prompt_cache, cache_type) -> None:
+        if self.disk is None:
+            return
+        self.counters["demotions"] += 1
+        if self.write_policy == "back":
+            model, salt = key
+            self._submit(model, salt, list(tokens), prompt_cache)
+
+    def trim_to(self, *, n_sequences: int | None = None, n_bytes: int | None = None) -> None:
+        """Shrinks the memory tier (evicted snapshots stay on, or go to, disk)."""
+        self.memory.trim_to(n_sequences=n_sequences, n_bytes=n_bytes)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held in memory."""
+        return self.memory.nbytes
+
+    @property
+    def max_bytes(self) -> int:
+        return self.memory.max_bytes
+
+    @property
+    def max_size(self) -> int:
+        return self.memory.max_size
+
+    def __len__(self) -> int:
+        return len(self.memory)
+
+    def stats_by_type(self) -> dict:
+        return self.memory.stats_by_type()
+
+    # --- the rest -----------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Per-tier counters: entries, bytes, hits and hit tokens, promotions,
+        demotions, evictions, writer queue bytes and dropped writes."""
+        m = self.memory.counters
+        out = {
+            "memory": {
+                "entries": len(self.memory),
+                "bytes": self.memory.nbytes,
+                "budget_bytes": self.memory.max_bytes,
+                "hits": m["hits"],
+                "hit_tokens": m["hit_tokens"],
+                "evictions": m["evictions"],
+                "handovers": m["handovers"],
+            },
+            "queries": self.counters["queries"],
+            "query_tokens": self.counters["query_tokens"],
+        }
+        if self.disk is not None:
+            d = self.disk.stats()
+            w = self.writer.counters
+            out["disk"] = {
+                "entries": d["entries"],
+                "bytes": d["bytes"],
+                "budget_bytes": d["budget_bytes"],
+                "block_size": d["block_size"],
+                "hits": self.counters["disk_hits"],
+                "hit_tokens": self.counters["disk_hit_tokens"],
+                "promotions": self.counters["promotions"],
+                "demotions": self.counters["demotions"],
+                "evictions": d["evicted_records"],
+                "corrupt_records": d["corrupt_records"],
+                "restore_seconds": self.counters["restore_seconds"],
+            }
+            out["writer"] = {
+                "queue_bytes": self.writer.queue_bytes,
+                "pending": self.writer.pending(),
+                "written": w["written"],
+                "dropped_writes": w["dropped_writes"],
+                "errors": w["errors"],
+            }
+        return out
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Waits for pending disk writes (tests, benchmarks, shutdown)."""
+        if self.writer is None:
+            return True
+        ok = self.writer.flush(timeout)
+        self.disk.flush_touches()
+        return ok
+
+    def clear(self, tier: str | None = None) -> None:
+        """Empties the memory tier, the disk tier, or both (``tier=None``)."""
+        if tier not in (None, "memory", "disk"):
+            raise ValueError("tier must be 'memory', 'disk' or None")
+        if tier in (None, "memory"):
+            self.memory.clear()
+        if tier in (None, "disk") and self.disk is not None:
+            self.writer.flush(30)
+            self.disk.clear()
+
+    def close(self, flush_timeout: float = 10.0) -> bool:
+        """Drains the writer (bounded) and closes the store. Returns False if writes
+        were dropped because the timeout passed."""
+        if self._closed:
+            return True
+        self._closed = True
+        ok = True
+        if self.writer is not None:
+            ok = self.writer.close(flush_timeout)
+        if self.disk is not None:
+            self.disk.close()
+        return ok
+
+    def __enter__(self) -> "TieredPromptCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _prewarm(self, budget: int) -> None:
+        """Reads the most recently used records' files so restores hit the page cache."""
+        try:
+            recs = sorted(self.disk.eviction_order(), key=lambda r: -r.last_access)
+            done = 0
+            buf = bytearray(1 << 20)
+            for rec in recs:
+                if done >= budget or self._closed:
+                    break
+                try:
+                    with open(self.disk.file_path(rec), "rb", buffering=0) as f:
+                        while f.readinto(buf):
+                            pass
+                except OSError:
+                    continue
+                done += rec.nbytes
+            log.info("prewarmed %d bytes of disk cache", done)
+        except Exception as e:  # prewarm is best effort
+            log.warning("prewarm failed: %s", e)
