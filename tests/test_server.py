@@ -1,0 +1,332 @@
+"""End-to-end tests of ``tiercache-server`` (real uvicorn process, openai client)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+
+import httpx
+import openai
+import pytest
+
+from server_helpers import disk_entries, start_server, wait_for
+
+pytestmark = pytest.mark.slow
+
+SYSTEM = "You are a helpful assistant. Answer briefly and clearly, one short sentence."
+
+
+def _details(usage) -> dict:
+    d = usage.prompt_tokens_details
+    data = d.model_dump() if hasattr(d, "model_dump") else dict(d)
+    assert data["memory_tokens"] + data["disk_tokens"] == data["cached_tokens"]
+    return data
+
+
+def _client(srv, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.base_url + "/v1", api_key=key, max_retries=0,
+                         timeout=120)
+
+
+def _chat(client, messages, **kw):
+    kw.setdefault("max_tokens", 12)
+    kw.setdefault("temperature", 0)
+    model = client.models.list().data[0].id
+    return client.chat.completions.create(model=model, messages=messages, **kw)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_path, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("srv")
+    srv = start_server(
+        ["--model", str(tiny_llama_path), "--disk-dir", str(tmp / "disk"),
+         "--block-size", "16", "--max-tokens", "16"],
+        tmp / "server.log",
+    )
+    yield srv
+    assert srv.stop() == 0, srv.log()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return _client(server)
+
+
+def _model_id(server) -> str:
+    return httpx.get(server.base_url + "/v1/models").json()["data"][0]["id"]
+
+
+def test_health_models_and_metrics(server):
+    health = httpx.get(server.base_url + "/health").json()
+    assert health["status"] == "ok"
+    assert "memory" in health["cache"] and "disk" in health["cache"]
+    models = httpx.get(server.base_url + "/v1/models").json()
+    assert models["object"] == "list" and len(models["data"]) == 1
+    text = httpx.get(server.base_url + "/metrics").text
+    for name in ("tiercache_prefix_cache_query_tokens_total",
+                 "tiercache_prefix_cache_hit_tokens_total", "tiercache_ttft_seconds",
+                 "tiercache_restore_seconds", "tiercache_requests_total"):
+        assert name in text
+
+
+def test_chat_nonstreaming_and_streaming(server, client):
+    model = _model_id(server)
+    messages = [{"role": "system", "content": SYSTEM},
+                {"role": "user", "content": "Tell me about the weather today."}]
+    resp = client.chat.completions.create(model=model, messages=messages, max_tokens=12,
+                                          temperature=0)
+    assert resp.object == "chat.completion"
+    assert resp.choices[0].message.role == "assistant"
+    assert isinstance(resp.choices[0].message.content, str)
+    assert resp.choices[0].finish_reason in ("stop", "length")
+    assert resp.usage.completion_tokens > 0
+    first = _details(resp.usage)
+
+    stream = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True})
+    pieces, usage, finish = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                pieces.append(choice.delta.content)
+            if choice.finish_reason:
+                finish = choice.finish_reason
+    assert finish in ("stop", "length")
+    assert usage is not None and usage.prompt_tokens == resp.usage.prompt_tokens
+    second = _details(usage)
+    assert second["cached_tokens"] > first["cached_tokens"]
+    # Greedy decoding: cold and memory-hit outputs are identical.
+    assert "".join(pieces) == resp.choices[0].message.content
+
+
+def test_stream_ends_with_done(server):
+    body = {"messages": [{"role": "user", "content": "stream please"}], "max_tokens": 5,
+            "stream": True}
+    with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=body,
+                      timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    json.loads(lines[0][6:])
+
+
+def test_cached_tokens_grow_over_conversation(client):
+    messages = [{"role": "system", "content": SYSTEM}]
+    cached = []
+    for turn in ("Hello there, who are you?", "What can you do for me?",
+                 "Say something about the sea.", "Thanks, and about mountains?"):
+        messages.append({"role": "user", "content": turn})
+        resp = _chat(client, messages)
+        cached.append(_details(resp.usage)["cached_tokens"])
+        messages.append({"role": "assistant", "content": resp.choices[0].message.content})
+    assert all(b > a for a, b in zip(cached[1:], cached[2:])), cached
+    assert cached[-1] > 0
+
+
+def test_completions_text_and_token_ids(server, client):
+    model = _model_id(server)
+    resp = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8,
+                                     temperature=0)
+    assert resp.object == "text_completion" and isinstance(resp.choices[0].text, str)
+    ids = list(range(10, 60))
+    a = client.completions.create(model=model, prompt=ids, max_tokens=8, temperature=0)
+    b = client.completions.create(model=model, prompt=ids, max_tokens=8, temperature=0)
+    assert a.usage.prompt_tokens == len(ids)
+    assert _details(b.usage)["cached_tokens"] >= len(ids) - 1
+    assert a.choices[0].text == b.choices[0].text
+    stream = client.completions.create(model=model, prompt=ids, max_tokens=8, temperature=0,
+                                       stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == a.choices[0].text
+
+
+def test_cache_salt_isolates(server):
+    ids = list(range(100, 160))
+    url = server.base_url + "/v1/completions"
+    r1 = httpx.post(url, json={"prompt": ids, "max_tokens": 2, "cache_salt": "a"}, timeout=60)
+    r2 = httpx.post(url, json={"prompt": ids, "max_tokens": 2, "cache_salt": "b"}, timeout=60)
+    r3 = httpx.post(url, json={"prompt": ids, "max_tokens": 2, "cache_salt": "a"}, timeout=60)
+    assert r1.status_code == r2.status_code == r3.status_code == 200
+    assert r2.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert r3.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+def _assert_envelope(r, status):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) >= {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    return err
+
+
+def test_bad_inputs_get_envelopes_and_server_keeps_serving(server):
+    url = server.base_url
+    chat = url + "/v1/chat/completions"
+    msgs = [{"role": "user", "content": "hi"}]
+    with httpx.Client(timeout=60) as h:
+        _assert_envelope(h.post(chat, content=b"{not json",
+                                headers={"content-type": "application/json"}), 400)
+        _assert_envelope(h.post(chat, json={"max_tokens": 5}), 422)
+        _assert_envelope(h.post(chat, json={"messages": []}), 422)
+        _assert_envelope(h.post(chat, json={"messages": msgs, "max_tokens": -1}), 422)
+        _assert_envelope(h.post(chat, json={"messages": msgs, "max_tokens": 10**12}), 422)
+        _assert_envelope(h.post(chat, json={"messages": "hi"}), 422)
+        _assert_envelope(h.post(chat, json={"messages": msgs, "temperature": "hot"}), 422)
+        _assert_envelope(h.post(chat, json={"messages": msgs, "max_tokens": "5"}), 422)
+        _assert_envelope(h.post(chat, json={"messages": [{"role": "user"}],
+                                            "stream": "yes"}), 422)
+        err = _assert_envelope(h.post(url + "/v1/completions",
+                                      json={"prompt": [5] * 9000, "max_tokens": 4}), 400)
+        assert err["code"] == "context_length_exceeded"
+        long_text = "hello world " * 5000
+        _assert_envelope(h.post(chat, json={"messages": [{"role": "user",
+                                                          "content": long_text}]}), 400)
+        err = _assert_envelope(h.post(url + "/v1/completions",
+                                      json={"prompt": [1, 2, 10**6], "max_tokens": 4}), 400)
+        assert err["param"] == "prompt"
+        _assert_envelope(h.post(url + "/v1/completions",
+                                json={"prompt": [1, -3], "max_tokens": 4}), 400)
+        _assert_envelope(h.post(chat, json={"messages": msgs, "model": "no-such-model"}), 404)
+        _assert_envelope(h.get(url + "/v1/nope"), 404)
+        _assert_envelope(h.post(url + "/v1/completions",
+                                content=b"x" * (8 * 1024 * 1024)), 413)
+        ok = h.post(chat, json={"messages": msgs, "max_tokens": 3})
+        assert ok.status_code == 200, ok.text
+    text = httpx.get(url + "/metrics").text
+    assert 'status="400"' in text and 'status="200"' in text
+
+
+def test_disconnect_mid_stream_keeps_computed_prefix(server):
+    ids = list(range(200, 260))
+    body = {"prompt": ids, "max_tokens": 2000, "stream": True}
+    with httpx.stream("POST", server.base_url + "/v1/completions", json=body,
+                      timeout=60) as r:
+        assert r.status_code == 200
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 6:
+                break
+    # The generation stopped; its prompt was cached; the server still serves.
+    r = httpx.post(server.base_url + "/v1/completions",
+                   json={"prompt": ids, "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200
+    assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= len(ids) - 1
+    health = httpx.get(server.base_url + "/health").json()
+    assert health["queue"]["running"] in (False, True)
+
+
+def test_concurrent_clients_while_health_answers(server):
+    model = _model_id(server)
+    errors, results = [], []
+
+    def worker(i):
+        c = _client(server)
+        try:
+            for j in range(5):
+                r = c.chat.completions.create(
+                    model=model, max_tokens=6, temperature=0,
+                    messages=[{"role": "user", "content": f"client {i} request {j}"}])
+                results.append(r.choices[0].finish_reason)
+        except Exception as exc:  # collected for the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    health_codes = []
+    while any(t.is_alive() for t in threads):
+        health_codes.append(httpx.get(server.base_url + "/health", timeout=30).status_code)
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(results) == 40
+    assert health_codes and all(c == 200 for c in health_codes)
+
+
+def test_cache_stats_and_reset(server):
+    stats = httpx.get(server.base_url + "/v1/cache/stats").json()
+    assert "memory" in stats["tiers"] and "disk" in stats["tiers"]
+    r = httpx.post(server.base_url + "/v1/cache/reset", json={"tier": "memory"}, timeout=60)
+    assert r.status_code == 200 and r.json()["tier"] == "memory"
+    _assert_envelope(httpx.post(server.base_url + "/v1/cache/reset", json={"tier": "x"}), 422)
+    r = httpx.post(server.base_url + "/v1/cache/reset", timeout=60)
+    assert r.status_code == 200 and r.json()["tier"] == "all"
+
+
+def test_api_key(tiny_llama_path, tmp_path):
+    srv = start_server(["--model", str(tiny_llama_path), "--api-key", "sekret"],
+                       tmp_path / "key.log")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            _chat(_client(srv, "wrong"), [{"role": "user", "content": "hi"}])
+        _assert_envelope(httpx.post(srv.base_url + "/v1/cache/reset"), 401)
+        _assert_envelope(httpx.get(srv.base_url + "/v1/models"), 401)
+        assert httpx.get(srv.base_url + "/health").status_code == 200
+        resp = _chat(_client(srv, "sekret"), [{"role": "user", "content": "hi"}])
+        assert resp.choices[0].message.content is not None
+        r = httpx.post(srv.base_url + "/v1/cache/reset",
+                       headers={"Authorization": "Bearer sekret"}, timeout=60)
+        assert r.status_code == 200
+    finally:
+        assert srv.stop(signal.SIGINT) == 0, srv.log()
+
+
+def test_demotion_then_warm_restart_from_disk(tiny_llama_path, tmp_path):
+    disk = tmp_path / "disk"
+    args = ["--model", str(tiny_llama_path), "--disk-dir", str(disk), "--block-size", "16",
+            "--prompt-cache-bytes", "256KiB", "--prompt-cache-size", "2"]
+    prompts = [[(7 * k + i) % 500 + 3 for i in range(120)] for k in range(1, 5)]
+    srv = start_server(args, tmp_path / "a.log")
+    try:
+        c = _client(srv)
+        first = c.completions.create(model=_model_id(srv), prompt=prompts[0], max_tokens=10,
+                                     temperature=0)
+        for p in prompts[1:]:
+            c.completions.create(model=_model_id(srv), prompt=p, max_tokens=10, temperature=0)
+        wait_for(lambda: disk_entries(srv.base_url) > 0)
+        again = c.completions.create(model=_model_id(srv), prompt=prompts[0], max_tokens=10,
+                                     temperature=0)
+        d = _details(again.usage)
+        assert d["disk_tokens"] > 0, d
+        assert again.choices[0].text == first.choices[0].text
+        metrics = httpx.get(srv.base_url + "/metrics").text
+        assert 'tiercache_prefix_cache_hit_tokens_total{tier="disk"}' in metrics
+    finally:
+        assert srv.stop(signal.SIGTERM) == 0, srv.log()
+
+    srv = start_server(args, tmp_path / "b.log")
+    try:
+        c = _client(srv)
+        after = c.completions.create(model=_model_id(srv), prompt=prompts[0], max_tokens=10,
+                                     temperature=0)
+        d = _details(after.usage)
+        assert d["disk_tokens"] > 0 and d["memory_tokens"] == 0, d
+        assert after.choices[0].text == first.choices[0].text
+    finally:
+        assert srv.stop(signal.SIGTERM) == 0, srv.log()
+
+
+def test_bad_flags_exit_2_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from server_helpers import ROOT, _env
+
+    for args in (["--port", "abc"], ["--prompt-cache-bytes", "12XB"],
+                 ["--write-policy", "sideways"], ["--model", str(tmp_path / "missing")]):
+        p = subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=str(ROOT),
+                           env=_env(), capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2, (args, p.stderr)
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert "Traceback" not in p.stderr
+    p = subprocess.run([sys.executable, "-m", "server.cli"], cwd=str(ROOT),
+                       env=_env({"TIERCACHE_MAX_TOKENS": "-4"}), capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and "TIERCACHE_MAX_TOKENS" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "server.cli", "--help"], cwd=str(ROOT),
+                       env=_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0
+    assert "default: 8080" in p.stdout and "TIERCACHE_PROMPT_CACHE_BYTES" in p.stdout
