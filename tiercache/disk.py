@@ -316,43 +316,49 @@ class DiskStore:
             with self.index.read() as txn:
                 existing = [self.index.get(txn, h) for h in hashes]
             new: list[Record] = []
-            now = time.time()
-            parent = root
-            for i, h in enumerate(hashes):
-                chunk = packed[i * 4 * B : (i + 1) * 4 * B]
-                rec = existing[i]
-                if rec is not None:
-                    if rec.tokens != chunk or rec.parent != parent:
-                        # Same hash, other tokens: never overwrite, never extend it.
-                        log.warning("hash collision or poisoned record %s: not storing", h.hex())
-                        self._commit(new, result)
-                        return result
-                    result.records_skipped += 1
+            try:
+                now = time.time()
+                parent = root
+                for i, h in enumerate(hashes):
+                    chunk = packed[i * 4 * B : (i + 1) * 4 * B]
+                    rec = existing[i]
+                    if rec is not None:
+                        if rec.tokens != chunk or rec.parent != parent:
+                            # Same hash, other tokens: never overwrite, never extend it.
+                            log.warning("hash collision or poisoned record %s: not storing", h.hex())
+                            self._commit(new, result)
+                            return result
+                        result.records_skipped += 1
+                        parent = h
+                        continue
+                    tensors = [
+                        TensorSource(f"{li}.{suffix}", dt, view)
+                        for li in split
+                        for suffix, dt, view in L.kv_rows(cache[li], i * B, (i + 1) * B)
+                    ]
+                    rec = Record(h, KIND_BLOCK, ns, parent, 0, 0, now, now, 0, (i + 1) * B, chunk)
+                    rec.nbytes, rec.checksum = write_tensor_file(
+                        self.file_path(rec), tensors, {"tiercache": "block", "format": str(FORMAT_VERSION)}
+                    )
+                    new.append(rec)
                     parent = h
-                    continue
-                tensors = [
-                    TensorSource(f"{li}.{suffix}", dt, view)
-                    for li in split
-                    for suffix, dt, view in L.kv_rows(cache[li], i * B, (i + 1) * B)
-                ]
-                rec = Record(h, KIND_BLOCK, ns, parent, 0, 0, now, now, 0, (i + 1) * B, chunk)
-                rec.nbytes, rec.checksum = write_tensor_file(
-                    self.file_path(rec), tensors, {"tiercache": "block", "format": str(FORMAT_VERSION)}
-                )
-                new.append(rec)
-                parent = h
-            start = len(hashes) * B
-            if n > start or ckpt:
-                tail = tokens[start:]
-                cid = checkpoint_id(parent, tail)
-                with self.index.read() as txn:
-                    have = self.index.get(txn, cid) is not None
-                if have:
-                    result.records_skipped += 1
-                else:
-                    kind = KIND_CHECKPOINT if ckpt else KIND_TAIL
-                    new.append(self._write_tail(ns, kind, cid, parent, cache, split, ckpt, start, n, packed, now))
-            self._commit(new, result)
+                start = len(hashes) * B
+                if n > start or ckpt:
+                    tail = tokens[start:]
+                    cid = checkpoint_id(parent, tail)
+                    with self.index.read() as txn:
+                        have = self.index.get(txn, cid) is not None
+                    if have:
+                        result.records_skipped += 1
+                    else:
+                        kind = KIND_CHECKPOINT if ckpt else KIND_TAIL
+                        new.append(self._write_tail(ns, kind, cid, parent, cache, split, ckpt, start, n, packed, now))
+                self._commit(new, result)
+            except BaseException:
+                # Nothing of this save reached the index: take its files back so a
+                # failed write (ENOSPC, EIO...) leaves the folder as it was.
+                self._discard_uncommitted(new)
+                raise
         if self.disk_bytes is not None:
             result.evicted = len(self.evict_to(self.disk_bytes))
         return result
@@ -372,6 +378,23 @@ class DiskStore:
         meta = {"tiercache": "checkpoint", "format": str(FORMAT_VERSION), "states": json.dumps(states)}
         rec.nbytes, rec.checksum = write_tensor_file(self.file_path(rec), tensors, meta)
         return rec
+
+    def _discard_uncommitted(self, new: list[Record]) -> None:
+        """Unlinks files written by a failed save, unless a record points at them
+        (another process may have stored the same content-addressed block)."""
+        if not new:
+            return
+        try:
+            with self.index.read() as txn:
+                keep = {r.id for r in new if self.index.get(txn, r.id) is not None}
+        except Exception:
+            return
+        for rec in new:
+            if rec.id not in keep:
+                try:
+                    self.file_path(rec).unlink()
+                except OSError:
+                    pass
 
     def _commit(self, new: list[Record], result: SaveResult) -> None:
         if not new:

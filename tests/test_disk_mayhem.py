@@ -1,0 +1,211 @@
+"""Damage on disk and in the index: lookups fall back to the longest valid prefix
+(never wrong data), check() names each problem, check(fix=True) repairs it all.
+Also: a write that fails mid-save leaves the index and the folder as they were."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+from conftest import random_tokens
+from mlx_helpers import cold_greedy, greedy_continue, prefill
+from mlx_lm.models.cache import make_prompt_cache
+
+from tiercache import blockfile
+from tiercache.blockfile import TEMP_MARK
+from tiercache.disk import DiskStore
+from tiercache.hashing import block_hashes, chain_root
+from tiercache.namespaces import model_namespace
+
+B = 4
+N = 30  # 7 full blocks + a 2-token tail
+BAD = 4  # index of the damaged block: tokens [16, 20)
+
+
+@pytest.fixture
+def stored(tiny_llama, tiny_llama_path, tmp_path):
+    model, _ = tiny_llama
+    T = random_tokens(N, seed=21)
+    store = DiskStore(tmp_path / "s", block_size=B)
+    ns = model_namespace(store, tiny_llama_path, model)
+    cache = make_prompt_cache(model)
+    prefill(model, T, cache)
+    store.save(ns, T, cache)
+    hashes = block_hashes(chain_root(ns), T, B)
+    with store.index.read() as txn:
+        recs = [store.index.get(txn, h) for h in hashes]
+    yield model, store, ns, T, recs
+    store.close()
+
+
+def _kinds(problems):
+    return {p.kind for p in problems}
+
+
+def _damage(how, store, rec):
+    path = store.file_path(rec)
+    if how == "truncate":
+        with open(path, "r+b") as f:
+            f.truncate(rec.nbytes - 7)
+        return "size_mismatch"
+    if how == "flip":
+        with open(path, "r+b") as f:
+            f.seek(rec.nbytes - 3)  # inside the data section
+            b = f.read(1)
+            f.seek(rec.nbytes - 3)
+            f.write(bytes([b[0] ^ 0x40]))
+        return "checksum_mismatch"
+    if how == "delete":
+        path.unlink()
+        return "missing_file"
+    if how == "symlink":
+        data = path.read_bytes()
+        path.unlink()
+        target = path.with_name("elsewhere")
+        target.write_bytes(data)
+        os.rename(target, store.path / "outside")
+        os.symlink(store.path / "outside", path)
+        return "symlink"
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip", "delete", "symlink"])
+def test_damaged_file(stored, how):
+    model, store, ns, T, recs = stored
+    kind = _damage(how, store, recs[BAD])
+    problems = store.check()
+    assert any(p.kind == kind and p.target == recs[BAD].id.hex() for p in problems), problems
+    prompt = T + [3]
+    # The plan still reaches the end (the index can't see file damage)...
+    assert store.longest_prefix(ns, prompt, limit=N).n_tokens == N
+    # ...but restore verifies the files and falls back to the longest valid prefix.
+    cache, n = store.fetch(ns, prompt, limit=N)
+    assert n == BAD * B
+    assert greedy_continue(model, cache, prompt[n:], 8) == cold_greedy(model, prompt, 8)
+    assert store.counters["corrupt_records"] == 1
+    # The unreachable descendants are reported and repaired.
+    after = store.check()
+    assert "dangling_parent" in _kinds(after)
+    store.check(fix=True)
+    assert store.check() == []
+    assert store.longest_prefix(ns, prompt, limit=N).n_tokens == BAD * B
+    # Saving again heals the store completely.
+    cache = make_prompt_cache(model)
+    prefill(model, T, cache)
+    res = store.save(ns, T, cache)
+    assert res.records_written == 7 - BAD + 1
+    cache, n = store.fetch(ns, prompt, limit=N)
+    assert n == N
+    assert greedy_continue(model, cache, prompt[n:], 8) == cold_greedy(model, prompt, 8)
+    assert store.check() == []
+
+
+def test_deleted_parent_record(stored):
+    model, store, ns, T, recs = stored
+    bad = recs[BAD]
+    store.index.write(lambda txn: txn.delete(bad.id, db=store.index.records))
+    prompt = T + [3]
+    assert store.longest_prefix(ns, prompt, limit=N).n_tokens == BAD * B
+    cache, n = store.fetch(ns, prompt, limit=N)
+    assert n == BAD * B
+    assert greedy_continue(model, cache, prompt[n:], 8) == cold_greedy(model, prompt, 8)
+    problems = store.check()
+    kinds = _kinds(problems)
+    assert {"orphan_file", "dangling_parent", "dangling_child", "byte_drift"} <= kinds, problems
+    assert any(p.kind == "orphan_file" and bad.id.hex() in p.target for p in problems)
+    dangling = {p.target for p in problems if p.kind == "dangling_parent"}
+    assert recs[BAD + 1].id.hex() in dangling
+    store.check(fix=True)
+    assert store.check() == []
+    assert store.n_records() == BAD
+    assert store.total_bytes() == sum(r.nbytes for r in recs[:BAD])
+    assert not store.file_path(bad).exists()
+
+
+def test_leftover_temp_file(stored):
+    model, store, ns, T, recs = stored
+    path = store.file_path(recs[0])
+    tmp = path.with_name(path.name + TEMP_MARK + "12345-abcd")
+    tmp.write_bytes(b"partial")
+    assert store.check() == []  # young temp files may belong to a running writer
+    problems = store.check(temp_grace=0)
+    assert [(p.kind, p.target) for p in problems] == [("temp_file", str(tmp))]
+    cache, n = store.fetch(ns, T + [3], limit=N)
+    assert n == N
+    store.check(fix=True, temp_grace=0)
+    assert not tmp.exists()
+    assert store.check(temp_grace=0) == []
+
+
+def test_orphan_file_and_byte_drift(stored):
+    model, store, ns, T, recs = stored
+    orphan = store.path / "blocks" / "ff" / ("ff" * 16 + ".safetensors")
+    orphan.parent.mkdir(exist_ok=True)
+    orphan.write_bytes(b"x" * 10)
+    store.index.write(lambda txn: store.index.add_total(txn, 123))
+    assert _kinds(store.check()) == {"orphan_file", "byte_drift"}
+    store.check(fix=True)
+    assert store.check() == [] and not orphan.exists()
+    assert store.fetch(ns, T + [3], limit=N)[1] == N
+
+
+@pytest.mark.parametrize("fail_at", [1, 3, 9])
+def test_failed_write_leaves_no_trace(stored, monkeypatch, fail_at):
+    """ENOSPC on the n-th fsync of a save: the save raises, the index is unchanged,
+    no temp or partial file is visible, and the next save works."""
+    model, store, ns, T, recs = stored
+    T2 = T[:8] + random_tokens(22, seed=22)
+    cache = make_prompt_cache(model)
+    prefill(model, T2, cache)
+    before_files = sorted(p for p in store.path.rglob("*.safetensors*"))
+    before = (store.n_records(), store.total_bytes())
+    calls = {"n": 0}
+    real_fsync = os.fsync
+
+    def failing_fsync(fd):
+        calls["n"] += 1
+        if calls["n"] == fail_at:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(blockfile.os, "fsync", failing_fsync)
+    with pytest.raises(OSError):
+        store.save(ns, T2, cache)
+    monkeypatch.setattr(blockfile.os, "fsync", real_fsync)
+    assert (store.n_records(), store.total_bytes()) == before
+    assert sorted(p for p in store.path.rglob("*.safetensors*")) == before_files
+    assert store.check(temp_grace=0) == []
+    assert store.longest_prefix(ns, T2 + [3], limit=30).n_tokens == 8
+    res = store.save(ns, T2, cache)
+    assert res.records_written == 30 // B - 2 + 1
+    c2, n = store.fetch(ns, T2 + [3], limit=30)
+    assert n == 30
+    assert greedy_continue(model, c2, [3], 6) == cold_greedy(model, T2 + [3], 6)
+    assert store.check(temp_grace=0) == []
+
+
+def test_failed_file_write(stored, monkeypatch):
+    """A write error inside the data section (not only fsync)."""
+    model, store, ns, T, recs = stored
+    T2 = random_tokens(13, seed=23)
+    cache = make_prompt_cache(model)
+    prefill(model, T2, cache)
+    before = (store.n_records(), store.total_bytes())
+    real = blockfile._write_rows
+    calls = {"n": 0}
+
+    def failing(f, h, arr):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(f, h, arr)
+
+    monkeypatch.setattr(blockfile, "_write_rows", failing)
+    with pytest.raises(OSError):
+        store.save(ns, T2, cache)
+    monkeypatch.setattr(blockfile, "_write_rows", real)
+    assert (store.n_records(), store.total_bytes()) == before
+    assert store.check(temp_grace=0) == []
+    store.save(ns, T2, cache)
+    assert store.fetch(ns, T2 + [3], limit=13)[1] == 13
