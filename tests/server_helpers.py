@@ -58,7 +58,8 @@ class ServerProcess:
 
     def log(self) -> str:
         """Return everything the process printed so far."""
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def wait_healthy(self, timeout: float = STARTUP_TIMEOUT) -> None:
