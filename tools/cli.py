@@ -1,0 +1,703 @@
+"""``tiercache``: inspect, verify, manage and pre-warm a tiercache disk store.
+
+Every command takes the store folder first. Output is JSON by default (one document
+on stdout); ``--table`` prints an aligned table for people. Read-only commands open
+the store read-only: LMDB readers never block (or get blocked by) a server writing
+to the same folder. Write commands use ordinary LMDB write transactions, which are
+safe beside a running server.
+
+Exit codes: 0 success; 1 ``verify`` found problems that remain (or a declined
+confirmation); 2 a usage error or an unusable store (missing folder, not a store,
+newer format, corrupt index, bad ID, bad size...), reported as one line on stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import re
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import click
+
+EXIT_PROBLEMS = 1
+EXIT_ERROR = 2
+
+
+class CliError(click.ClickException):
+    """One-line error, exit code 2."""
+
+    exit_code = EXIT_ERROR
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()) or "error")
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    import lmdb
+
+    from tiercache.blockfile import BlockFileError
+    from tiercache.disk import RestoreError, StoreError
+    from tiercache.index import IndexError_
+
+    return (StoreError, IndexError_, BlockFileError, RestoreError, ValueError, lmdb.Error, OSError, KeyError)
+
+
+class _Group(click.Group):
+    """Turns library errors into one clean line and a non-zero exit, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - the command boundary
+            if os.environ.get("TIERCACHE_DEBUG"):
+                raise
+            known = _known_errors()
+            if isinstance(e, known):
+                msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+                raise CliError(msg or type(e).__name__) from None
+            raise CliError(f"internal error: {type(e).__name__}: {e}") from None
+
+
+# --- parsing --------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    """Bytes from a size like ``512MiB``, ``2GB``, ``1.5 GiB`` or ``1000`` (pydantic ByteSize)."""
+    from pydantic import ByteSize, TypeAdapter, ValidationError
+
+    try:
+        return int(TypeAdapter(ByteSize).validate_python(str(text).strip()))
+    except ValidationError:
+        raise CliError(f"bad size {text!r}: use e.g. 512MiB, 2GB or a number of bytes") from None
+
+
+_UNIT = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``30s``, ``30m``, ``12h``, ``7d``, ``2w`` (a bare number is seconds)."""
+    total, rest = 0.0, str(text).strip()
+    if not re.fullmatch(r"(\d+(?:\.\d+)?\s*[a-zA-Z]*\s*)+", rest):
+        raise CliError(f"bad duration {text!r}: use e.g. 30m, 12h or 7d")
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([a-zA-Z]*)", rest)
+    for n, unit in parts:
+        unit = unit.lower() or "s"
+        if unit not in _UNIT:
+            raise CliError(f"bad duration {text!r}: unknown unit {unit!r} (s, m, h, d, w)")
+        total += float(n) * _UNIT[unit]
+    return total
+
+
+class SizeType(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        return parse_size(value)  # a bad size is one clean line, not a usage dump
+
+
+class DurationType(click.ParamType):
+    name = "DURATION"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            return float(value)
+        return parse_duration(value)
+
+
+SIZE = SizeType()
+DURATION = DurationType()
+
+
+# --- human formatting ---------------------------------------------------------------------
+
+
+def human_size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    n = int(n)
+    units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    i = 0
+    x = float(n)
+    while abs(x) >= 1024 and i < len(units) - 1:
+        x /= 1024
+        i += 1
+    return f"{n} B" if i == 0 else f"{x:.1f} {units[i]}"
+
+
+def human_time(t: float | None, now: float | None = None) -> str:
+    if t is None:
+        return "-"
+    now = time.time() if now is None else now
+    d = now - t
+    if d < 0:
+        return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M")
+    for limit, div, unit in ((60, 1, "s"), (3600, 60, "m"), (86400, 3600, "h"), (86400 * 60, 86400, "d")):
+        if d < limit:
+            return f"{int(d // div)}{unit} ago"
+    return datetime.fromtimestamp(t).strftime("%Y-%m-%d")
+
+
+def _iso(t: float | None) -> str | None:
+    return None if t is None else datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else 200
+    return Console(file=stream, width=width, soft_wrap=False, highlight=False)
+
+
+def print_table(columns: list[tuple[str, str]], rows: Iterable[dict], title: str | None = None) -> None:
+    """An aligned table; ``columns`` = ``[(header, key)]``; numbers right-aligned."""
+    from rich import box
+    from rich.table import Table
+
+    rows = list(rows)
+    t = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left", pad_edge=False)
+    for header, key in columns:
+        numeric = any(isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool) for r in rows)
+        t.add_column(header, justify="right" if numeric else "left", overflow="fold")
+    for r in rows:
+        t.add_row(*["" if r.get(k) is None else str(r.get(k)) for _, k in columns])
+    _console().print(t)
+
+
+def emit(data: Any, table: bool, render: Callable[[Any], None]) -> None:
+    if table:
+        render(data)
+    else:
+        click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+# --- store access -------------------------------------------------------------------------
+
+
+def open_store(path: str, *, write: bool = False, create: bool = False, block_size: int | None = None,
+               disk_bytes: int | None = None):
+    """Opens a store for a command, refusing anything that isn't a tiercache store."""
+    from tiercache.disk import BLOCKS_DIR, CHECKPOINTS_DIR, INDEX_DIR, DiskStore
+
+    p = Path(path)
+    if not create:
+        if not p.exists():
+            raise CliError(f"{p}: no such directory")
+        if not p.is_dir():
+            raise CliError(f"{p}: not a directory")
+        if not (p / INDEX_DIR).exists():
+            raise CliError(f"{p} is not a tiercache store (no {INDEX_DIR})")
+    for sub in (INDEX_DIR, BLOCKS_DIR, CHECKPOINTS_DIR):
+        if (p / sub).is_symlink():
+            raise CliError(f"{p / sub} is a symlink: refusing to follow it out of the store")
+    return DiskStore(p, readonly=not write, create=create, block_size=block_size, disk_bytes=disk_bytes)
+
+
+def table_option(f):
+    return click.option(
+        "--table", "table", is_flag=True, default=False,
+        help="Print an aligned table with human-readable sizes and times instead of JSON.",
+    )(f)
+
+
+def _want_table(ctx: click.Context, table: bool) -> bool:
+    return table or bool((ctx.find_root().obj or {}).get("table"))
+
+
+def _view_and_ns(store, namespace: str | None):
+    from tiercache import inspect as I
+
+    view = I.load_view(store)
+    ns = I.resolve_namespace(view, namespace) if namespace else None
+    return view, ns
+
+
+# --- the group ----------------------------------------------------------------------------
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--table", is_flag=True, default=False, help="Tables instead of JSON for every command.")
+@click.version_option(package_name="tiercache", message="%(prog)s %(version)s")
+@click.pass_context
+def main(ctx: click.Context, table: bool) -> None:
+    """Inspect, verify, manage and pre-warm a tiercache disk store (DIR).
+
+    Output is JSON unless --table is given. Read-only commands (stats, ls, show,
+    verify without --fix, export) never disturb a server using the same DIR.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["table"] = table
+
+
+@main.command()
+@click.argument("dir", type=click.Path(file_okay=False, path_type=str))
+@click.option("--budget", type=SIZE, default=None, metavar="SIZE",
+              help="Disk budget to report use against (e.g. 20GiB), if the store doesn't record one.")
+@table_option
+@click.pass_context
+def stats(ctx, dir, budget, table):
+    """Per-namespace statistics, then totals.
+
+    For each namespace: its model, blocks, tails, checkpoints, bytes, logical
+    tokens stored vs physical tokens (the dedup ratio), oldest/newest access and
+    hits (restores served).
+
+    Example: tiercache stats ~/.cache/tiercache --table
+    """
+    from tiercache import inspect as I
+
+    with open_store(dir) as store:
+        data = I.store_stats(store, I.load_view(store), budget=budget)
+    for e in data["namespaces"] + [data["total"]]:
+        e["oldest_access_iso"], e["newest_access_iso"] = _iso(e["oldest_access"]), _iso(e["newest_access"])
+
+    def render(d):
+        now = time.time()
+        rows = []
+        for e in d["namespaces"] + [dict(d["total"], namespace="TOTAL", model="")]:
+            rows.append({
+                "ns": e["namespace"][:12] if e["namespace"] != "TOTAL" else "TOTAL",
+                "model": Path(e["model"]).name if e.get("model") else ("?" if e["namespace"] != "TOTAL" else ""),
+                "blocks": e["blocks"], "ckpts": e["checkpoints"] + e["tails"], "prefixes": e["prefixes"],
+                "size": human_size(e["bytes"]), "logical": e["logical_tokens"], "physical": e["physical_tokens"],
+                "dedup": "-" if e["dedup_ratio"] is None else f"{e['dedup_ratio']:.2f}x",
+                "oldest": human_time(e["oldest_access"], now), "newest": human_time(e["newest_access"], now),
+                "hits": e["hits"],
+            })
+        t = d["total"]
+        budget_s = (f"{human_size(t['budget_bytes'])} ({100 * t['budget_used']:.1f}% used)"
+                    if t["budget_bytes"] else "none recorded")
+        print_table(
+            [("namespace", "ns"), ("model", "model"), ("blocks", "blocks"), ("ckpts/tails", "ckpts"),
+             ("prefixes", "prefixes"), ("size", "size"), ("logical tok", "logical"), ("physical tok", "physical"),
+             ("dedup", "dedup"), ("oldest", "oldest"), ("newest", "newest"), ("hits", "hits")],
+            rows,
+            title=f"{d['path']}  format {d['format_version']}, block size {d['block_size']}, budget {budget_s}",
+        )
+
+    emit(data, _want_table(ctx, table), render)
+
+
+@main.command()
+@click.argument("dir", type=click.Path(file_okay=False, path_type=str))
+@click.option("--namespace", "-n", default=None, metavar="NS", help="Only this namespace (hex, or a unique prefix).")
+@click.option("--sort", "sort", type=click.Choice(["recent", "size", "hits", "tokens"]), default="recent",
+              show_default=True, help="Order of the prefixes.")
+@click.option("--limit", type=click.IntRange(min=0), default=None, help="Show at most N prefixes.")
+@click.option("--words", type=click.IntRange(min=1), default=12, show_default=True,
+              help="Words of decoded text to show per prefix.")
+@table_option
+@click.pass_context
+def ls(ctx, dir, namespace, sort, limit, words, table):
+    """List the stored prefixes (snapshot ends).
+
+    A stored prefix is where a restore can end: a tail or checkpoint record, or a
+    block with no children. Shows its ID (use it with show/export), token count,
+    bytes of its whole chain, last access, hits and the first words of its text
+    (when the model's tokenizer is found at the path recorded in the store; token
+    ids otherwise).
+
+    Example: tiercache ls ~/.cache/tiercache --sort size --limit 20 --table
+    """
+    from tiercache import inspect as I
+
+    with open_store(dir) as store:
+        view, ns = _view_and_ns(store, namespace)
+        dec = I.TextDecoder(view)
+        rows = I.sort_rows([I.prefix_row(view, r, dec, words) for r in I.snapshot_ends(view, ns)], sort)
+    if limit is not None:
+        rows = rows[:limit]
+    for r in rows:
+        r["last_access_iso"] = _iso(r["last_access"])
+
+    def render(rows):
+        now = time.time()
+        print_table(
+            [("id", "id8"), ("kind", "kind"), ("tokens", "tokens"), ("size", "size"), ("last access", "when"),
+             ("hits", "hits"), ("text", "text")],
+            [dict(r, id8=r["id"][:12], size=human_size(r["bytes"]), when=human_time(r["last_access"], now),
+                  text=_short(r.get("text") if "text" in r else r.get("token_ids")))
+             for r in rows],
+        )
+
+    emit(rows, _want_table(ctx, table), render)
+
+
+def _short(x: Any, n: int = 80) -> str:
+    s = x if isinstance(x, str) else json.dumps(x)
+    s = " ".join(s.split())
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+@main.command()
+@click.argument("dir", type=click.Path(file_okay=False, path_type=str))
+@click.argument("id")
+@table_option
+@click.pass_context
+def show(ctx, dir, id, table):
+    """Show one stored prefix: its chain of blocks, token count, decoded text (or
+    token ids), files, sizes, checksums and the checkpoints along it.
+
+    ID is a record id from `ls` (any unique prefix of at least 8 hex digits).
+
+    Example: tiercache show ~/.cache/tiercache 3fa2c81d
+    """
+    from tiercache import inspect as I
+
+    with open_store(dir) as store:
+        view = I.load_view(store)
+        rec = I.resolve_id(view, id)
+        data = I.prefix_detail(store, view, rec, I.TextDecoder(view))
+
+    def render(d):
+        now = time.time()
+        con = _console()
+        con.print(f"prefix {d['id']}  ({d['kind']}, {d['tokens']} tokens, {human_size(d['bytes'])}, "
+                  f"last access {human_time(d['last_access'], now)}, {d['hits']} hits)")
+        con.print(f"namespace {d['namespace']}  model {d.get('model') or '?'}")
+        if d.get("broken"):
+            con.print(f"BROKEN: {d['broken']}")
+        print_table(
+            [("record", "id"), ("kind", "kind"), ("tokens", "range"), ("size", "size"), ("checksum", "checksum"),
+             ("file", "file"), ("state", "file_state"), ("hits", "hits")],
+            [dict(r, range=f"{r['start']}-{r['end']}", size=human_size(r["bytes"])) for r in d["chain"]],
+        )
+        if d["checkpoints"]:
+            con.print("other restore points along this chain: "
+                      + ", ".join(f"{c['kind']} @{c['position']} {c['id'][:12]}" for c in d["checkpoints"]))
+        con.print("text:" if "text" in d else "token ids:")
+        con.print(d["text"] if "text" in d else json.dumps(d["token_ids"]), markup=False)
+
+    emit(data, _want_table(ctx, table), render)
+
+
+_RECORD_PROBLEMS = {"missing_file", "size_mismatch", "checksum_mismatch", "dangling_parent", "missing_link"}
+
+
+def _settled(store, problems, temp_grace: float):
+    """Drops what a concurrent writer explains: a file renamed into place whose
+    record isn't committed yet (younger than the grace), or a record evicted since."""
+    import lmdb  # noqa: F401
+
+    now = time.time()
+    out = []
+    with store.index.read() as txn:
+        for p in problems:
+            if p.kind == "orphan_file":
+                path = Path(p.target)
+                try:
+                    young = now - path.lstat().st_mtime < temp_grace
+                except FileNotFoundError:
+                    continue
+                stem = path.name.split(".")[0]
+                try:
+                    committed = store.index.get(txn, bytes.fromhex(stem)) is not None
+                except ValueError:
+                    committed = False
+                if young or committed:
+                    continue
+            elif p.kind in _RECORD_PROBLEMS:
+                try:
+                    rid = bytes.fromhex(p.target)
+                except ValueError:
+                    rid = None
+                if rid is not None and txn.get(rid, db=store.index.records) is None:
+                    continue
+            out.append(p)
+    return out
+
+
+@main.command()
+@click.argument("dir", type=click.Path(file_okay=False, path_type=str))
+@click.option("--fix", is_flag=True, help="Repair what is found (index first, then files).")
+@click.option("--temp-grace", type=float, default=60.0, show_default=True, metavar="SECONDS",
+              help="Temp and unindexed files younger than this belong to a running writer and are left alone.")
+@table_option
+@click.pass_context
+def verify(ctx, dir, fix, temp_grace, table):
+    """Check the store: orphan/missing/corrupt files, broken chains, leftover temp
+    files, byte-accounting drift. Prints each problem.
+
+    Exits 0 when clean, 1 when problems remain (after --fix: when the repair
+    could not clear them).
+
+    Example: tiercache verify ~/.cache/tiercache --fix
+    """
+    with open_store(dir, write=fix) as store:
+        found = _settled(store, store.check(fix=False, temp_grace=temp_grace), temp_grace)
+        remaining = found
+        if fix and found:
+            store.check(fix=True, temp_grace=temp_grace)
+            remaining = _settled(store, store.check(fix=False, temp_grace=temp_grace), temp_grace)
+    data = {
+        "clean": not remaining,
+        "problems": [p.to_dict() for p in found],
+        "fixed": bool(fix and found),
+        "remaining": [p.to_dict() for p in remaining],
+    }
+
+    def render(d):
+        con = _console()
+        if d["problems"]:
+            print_table([("problem", "kind"), ("target", "target"), ("detail", "detail")], d["problems"])
+        if d["clean"]:
+            con.print("clean" if not d["problems"] else f"fixed {len(d['problems'])} problem(s); now clean")
+        else:
+            con.print(f"{len(d['remaining'])} problem(s) remain" + ("" if fix else " (run with --fix to repair)"))
+
+    emit(data, _want_table(ctx, table), render)
+    if remaining:
+        ctx.exit(EXIT_PROBLEMS)
+
+
+@main.command()
+@click.argument("dir", type=click.Path(file_okay=False, path_type=str))
+@click.option("--to", "to", type=SIZE, default=None, metavar="SIZE",
+              help="Evict least recently used prefixes (leaves first) until the store holds at most SIZE (512MiB, 2GB...).")
+@click.option("--namespace", "-n", default=None, metavar="NS", help="Evict everything of this namespace.")
+@click.option("--older-than", "older_than", type=DURATION, default=None, metavar="DURATION",
+              help="Evict what was last used longer ago than this (30m, 12h, 7d); with --namespace, only there.")
+@table_option
+@click.pass_context
+def evict(ctx, dir, to, namespace, older_than, table):
+    """Evict cached prefixes by size, namespace or age.
+
+    Exactly one of --to, --namespace or --older-than (--namespace may narrow
+    --older-than). A block is never evicted while a longer prefix built on it
+    stays. Safe while a server uses the store.
+
+    Example: tiercache evict ~/.cache/tiercache --older-than 7d
+    """
+    from tiercache import inspect as I
+
+    if to is None and namespace is None and older_than is None:
+        raise click.UsageError("give one of --to SIZE, --namespace NS or --older-than DURATION")
+    if to is not None and (namespace is not None or older_than is not None):
+        raise click.UsageError("--to can't be combined with --namespace or --older-than")
+    with open_store(dir, write=True) as store:
+        before = store.total_bytes()
+        if to is not None:
+            removed = store.evict_to(to)
+        else:
+            view, ns = _view_and_ns(store, namespace)
+            if older_than is not None:
+                ids = I.records_older_than(view, time.time() - older_than, ns)
+            else:
+                ids = [r.id for r in view.records.values() if r.namespace == ns]
+            removed = store.remove_records(ids)
+        after = store.total_bytes()
+    data = {"evicted_records": len(removed), "evicted_bytes": sum(r.nbytes for r in removed),
+            "bytes_before": before, "bytes_after": after}
+    emit(data, _want_table(ctx, table), lambda d: print_table(
+        [("evicted records", "evicted_records"), ("evicted", "e"), ("before", "b"), ("after", "a")],
+        [dict(d, e=human_size(d["evicted_bytes"]), b=human_size(d["bytes_before"]), a=human_size(d["bytes_after"]))]))
+
+
+@main.command()
+@click.argument("dir", type=click.Path(file_okay=False, path_type=str))
+@click.option("--namespace", "-n", default=None, metavar="NS", help="Only clear this namespace.")
+@click.option("--yes", "-y", is_flag=True, help="Don't ask for confirmation.")
+@table_option
+@click.pass_context
+def clear(ctx, dir, namespace, yes, table):
+    """Remove every stored prefix (of one namespace). Asks first unless --yes.
+
+    Namespace descriptions are kept, so a running server keeps working.
+
+    Example: tiercache clear ~/.cache/tiercache --yes
+    """
+    with open_store(dir, write=True) as store:
+        view, ns = _view_and_ns(store, namespace)
+        n = sum(1 for r in view.records.values() if ns is None or r.namespace == ns)
+        size = sum(r.nbytes for r in view.records.values() if ns is None or r.namespace == ns)
+        what = f"namespace {ns.hex()}" if ns else "the whole store"
+        if n and not yes:
+            click.confirm(f"Remove {n} records ({human_size(size)}) from {what} in {dir}?", abort=True, err=True)
+        removed = store.clear(ns)
+        after = store.total_bytes()
+    data = {"removed_records": removed, "namespace": ns.hex() if ns else None, "bytes_after": after}
+    emit(data, _want_table(ctx, table), lambda d: print_table(
+        [("removed records", "removed_records"), ("namespace", "ns"), ("bytes after", "a")],
+        [dict(d, ns=d["namespace"] or "all", a=human_size(d["bytes_after"]))]))
+
+
+@main.command("export")
+@click.argument("dir", type=click.Path(file_okay=False, path_type=str))
+@click.argument("id")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=str))
+@table_option
+@click.pass_context
+def export_cmd(ctx, dir, id, out, table):
+    """Write stored prefix ID as an mlx-lm prompt-cache file (OUT.safetensors).
+
+    mlx_lm.models.cache.load_prompt_cache reads it; the file's metadata carries
+    the token ids, the namespace and the tiercache format.
+
+    Example: tiercache export ~/.cache/tiercache 3fa2c81d prompt.safetensors
+    """
+    from tiercache.interop import export_mlx_lm
+
+    with open_store(dir) as store:
+        res = export_mlx_lm(store, id, out)
+    data = dict(vars(res))
+    emit(data, _want_table(ctx, table), lambda d: print_table(
+        [("file", "path"), ("tokens", "tokens"), ("namespace", "namespace"), ("size", "s")],
+        [dict(d, s=human_size(d["bytes"]))]))
+
+
+@main.command("import")
+@click.argument("dir", type=click.Path(file_okay=False, path_type=str))
+@click.argument("file", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--model", "model", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="The local model folder the cache was computed with.")
+@click.option("--tokens", default=None, metavar="JSON",
+              help="Token ids the cache holds: a JSON list, or a file holding one "
+                   "(default: the ids recorded by `tiercache export`).")
+@table_option
+@click.pass_context
+def import_cmd(ctx, dir, file, model, tokens, table):
+    """Store an mlx-lm prompt-cache FILE under the model's namespace.
+
+    Only mlx-lm cache classes on tiercache's allow-list are ever built from the
+    file. Creates DIR as a new store if it doesn't exist.
+
+    Example: tiercache import ~/.cache/tiercache prompt.safetensors --model ./demo-model
+    """
+    from tiercache.interop import import_mlx_lm
+
+    if tokens is not None and not tokens.lstrip().startswith("["):
+        tp = Path(tokens)
+        if not tp.is_file():
+            raise CliError(f"--tokens: not a JSON list and no such file: {tokens}")
+        tokens = tp.read_text()
+    with open_store(dir, write=True, create=not Path(dir).exists()) as store:
+        res = import_mlx_lm(store, file, model, tokens=tokens)
+    data = dict(vars(res))
+    emit(data, _want_table(ctx, table), lambda d: print_table(
+        [("namespace", "namespace"), ("tokens", "tokens"), ("records written", "records_written"),
+         ("written", "w"), ("already stored", "records_skipped")],
+        [dict(d, w=human_size(d["bytes_written"]))]))
+
+
+def read_prompts(path: str) -> list[dict]:
+    """Prompts from a JSONL file: ``{"messages": [...]}``, ``{"text": "..."}``, a JSON
+    string, or (for a line that isn't JSON) the line itself as plain text."""
+    out = []
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise CliError(f"{path}: no such file") from None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            obj = line
+        if isinstance(obj, str):
+            out.append({"text": obj})
+        elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
+            out.append({"messages": obj["messages"]})
+        elif isinstance(obj, dict) and isinstance(obj.get("text", obj.get("prompt")), str):
+            out.append({"text": obj.get("text", obj.get("prompt"))})
+        else:
+            raise CliError(f"{path}:{i}: expected {{\"messages\": [...]}}, {{\"text\": \"...\"}} or a string")
+    return out
+
+
+def prompt_tokens(tokenizer, prompt: dict) -> list[int]:
+    """Tokens exactly as the server makes them (chat template + generation prompt)."""
+    if "messages" in prompt:
+        msgs = prompt["messages"]
+        if getattr(tokenizer, "has_chat_template", False):
+            out = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+            if isinstance(out, dict) or hasattr(out, "keys"):
+                out = out["input_ids"]
+            return [int(t) for t in out]
+        text = "\n".join(f"{m['role']}: {m['content']}" for m in msgs) + "\nassistant:"
+        return list(tokenizer.encode(text))
+    return list(tokenizer.encode(prompt["text"]))
+
+
+@main.command()
+@click.argument("dir", type=click.Path(file_okay=False, path_type=str))
+@click.option("--model", "model_path", required=True, type=click.Path(exists=True, file_okay=False, path_type=str),
+              help="The local mlx-lm model folder to prefill with.")
+@click.option("--prompts", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help='JSONL: {"messages": [...]} (chat template applied), {"text": "..."} or plain strings.')
+@click.option("--prefill-step-size", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Tokens per prefill step; use the server's value so hybrid models hit exactly.")
+@click.option("--block-size", type=click.IntRange(min=1), default=None,
+              help="Block size when DIR is a new store (default 256).")
+@click.option("--disk-bytes", type=SIZE, default=None, metavar="SIZE", help="Disk budget to keep while warming.")
+@table_option
+@click.pass_context
+def warm(ctx, dir, model_path, prompts, prefill_step_size, block_size, disk_bytes, table):
+    """Prefill prompts into the store ahead of time, skipping what is cached.
+
+    Each prompt is tokenized like the server does, its tokens but the last are
+    prefilled from a fresh cache in --prefill-step-size chunks (the server's own
+    chunking, so restores are exact for hybrid models too) and saved. A request
+    for the prompt then restores all but its last token from disk.
+
+    Example: tiercache warm ~/.cache/tiercache --model ./demo-model --prompts prompts.jsonl
+    """
+    import mlx.core as mx
+    import mlx_lm
+    from mlx_lm.models.cache import make_prompt_cache
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tiercache.namespaces import model_namespace
+
+    items = read_prompts(prompts)
+    t0 = time.time()
+    model, tokenizer = mlx_lm.load(model_path)
+    summary = {"prompts": len(items), "warmed": 0, "skipped_cached": 0, "skipped_short": 0,
+               "tokens_prefilled": 0, "records_written": 0, "bytes_written": 0}
+    with open_store(dir, write=True, create=True, block_size=block_size, disk_bytes=disk_bytes) as store:
+        ns = model_namespace(store, model_path, model)
+        summary["namespace"] = ns.hex()
+        progress = Progress(TextColumn("warming"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=_console(stderr=True), disable=not sys.stderr.isatty())
+        with progress:
+            task = progress.add_task("warm", total=len(items))
+            for item in items:
+                toks = prompt_tokens(tokenizer, item)
+                target = toks[:-1]
+                if not target:
+                    summary["skipped_short"] += 1
+                elif store.longest_prefix(ns, toks, limit=len(target)).n_tokens >= len(target):
+                    summary["skipped_cached"] += 1
+                else:
+                    cache = make_prompt_cache(model)
+                    for s in range(0, len(target), prefill_step_size):
+                        model(mx.array(target[s : s + prefill_step_size])[None], cache=cache)
+                        mx.eval([c.state for c in cache])
+                    res = store.save(ns, target, cache)
+                    summary["warmed"] += 1
+                    summary["tokens_prefilled"] += len(target)
+                    summary["records_written"] += res.records_written
+                    summary["bytes_written"] += res.bytes_written
+                progress.advance(task)
+        summary["store_bytes"] = store.total_bytes()
+    summary["seconds"] = round(time.time() - t0, 3)
+    emit(summary, _want_table(ctx, table), lambda d: print_table(
+        [("prompts", "prompts"), ("warmed", "warmed"), ("already cached", "skipped_cached"),
+         ("tokens", "tokens_prefilled"), ("written", "w"), ("store", "s"), ("seconds", "seconds")],
+        [dict(d, w=human_size(d["bytes_written"]), s=human_size(d["store_bytes"]))]))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
