@@ -52,8 +52,13 @@ class _CacheCollector:
             k: GaugeMetricFamily(f"tiercache_cache_{k}", doc, labels=["tier"])
             for k, doc in _TIER_GAUGES.items()
         }
+        writer = stats.get("writer") if isinstance(stats.get("writer"), dict) else {}
         for tier in ("memory", "disk"):
             tier_stats = stats.get(tier)
+            if tier == "disk" and isinstance(tier_stats, dict) and writer:
+                tier_stats = dict(tier_stats)
+                tier_stats.setdefault("writer_queue_bytes", writer.get("queue_bytes"))
+                tier_stats.setdefault("dropped_writes", writer.get("dropped_writes"))
             if not isinstance(tier_stats, dict):
                 continue
             for key, fam in counters.items():
