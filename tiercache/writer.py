@@ -22,7 +22,7 @@ from typing import Any, Callable
 log = logging.getLogger("tiercache.writer")
 
 
-@dataclass
+@dataclass(eq=False)  # identity: comparing snapshots (numpy views) is meaningless
 class WriteJob:
     """One snapshot to persist."""
 
@@ -78,15 +78,19 @@ class BackgroundWriter:
                 self._count_drop(job)
                 return False
             while self._queue and self.queue_bytes + job.nbytes > self.max_queue_bytes:
-                self._count_drop(self._queue.popleft())
+                self._drop_oldest()
             self._queue.append(job)
             self.queue_bytes += job.nbytes
             self._cond.notify()
             return True
 
+    def _drop_oldest(self) -> None:
+        """Drops the oldest pending job (lock held), releasing its bytes."""
+        job = self._queue.popleft()
+        self.queue_bytes -= job.nbytes
+        self._count_drop(job)
+
     def _count_drop(self, job: WriteJob) -> None:
-        if job in self._queue:
-            self._queue.remove(job)
         self.counters["dropped_writes"] += 1
         self.counters["dropped_bytes"] += job.nbytes
 
@@ -148,8 +152,7 @@ class BackgroundWriter:
         with self._cond:
             self._stop = True
             while self._queue:
-                self._count_drop(self._queue[0])
-            self.queue_bytes = 0
+                self._drop_oldest()
             self._cond.notify_all()
         self._thread.join(timeout=max(1.0, timeout or 1.0))
         return done
