@@ -241,7 +241,7 @@ def main(ctx: click.Context, table: bool) -> None:
 
 
 @main.command()
-@click.argument("dir", type=click.Path(file_okay=False, path_type=str))
+@click.argument("dir")
 @click.option("--budget", type=SIZE, default=None, metavar="SIZE",
               help="Disk budget to report use against (e.g. 20GiB), if the store doesn't record one.")
 @table_option
@@ -290,7 +290,7 @@ def stats(ctx, dir, budget, table):
 
 
 @main.command()
-@click.argument("dir", type=click.Path(file_okay=False, path_type=str))
+@click.argument("dir")
 @click.option("--namespace", "-n", default=None, metavar="NS", help="Only this namespace (hex, or a unique prefix).")
 @click.option("--sort", "sort", type=click.Choice(["recent", "size", "hits", "tokens"]), default="recent",
               show_default=True, help="Order of the prefixes.")
@@ -341,7 +341,7 @@ def _short(x: Any, n: int = 80) -> str:
 
 
 @main.command()
-@click.argument("dir", type=click.Path(file_okay=False, path_type=str))
+@click.argument("dir")
 @click.argument("id")
 @table_option
 @click.pass_context
@@ -419,7 +419,7 @@ def _settled(store, problems, temp_grace: float):
 
 
 @main.command()
-@click.argument("dir", type=click.Path(file_okay=False, path_type=str))
+@click.argument("dir")
 @click.option("--fix", is_flag=True, help="Repair what is found (index first, then files).")
 @click.option("--temp-grace", type=float, default=60.0, show_default=True, metavar="SECONDS",
               help="Temp and unindexed files younger than this belong to a running writer and are left alone.")
@@ -462,7 +462,7 @@ def verify(ctx, dir, fix, temp_grace, table):
 
 
 @main.command()
-@click.argument("dir", type=click.Path(file_okay=False, path_type=str))
+@click.argument("dir")
 @click.option("--to", "to", type=SIZE, default=None, metavar="SIZE",
               help="Evict least recently used prefixes (leaves first) until the store holds at most SIZE (512MiB, 2GB...).")
 @click.option("--namespace", "-n", default=None, metavar="NS", help="Evict everything of this namespace.")
@@ -505,7 +505,7 @@ def evict(ctx, dir, to, namespace, older_than, table):
 
 
 @main.command()
-@click.argument("dir", type=click.Path(file_okay=False, path_type=str))
+@click.argument("dir")
 @click.option("--namespace", "-n", default=None, metavar="NS", help="Only clear this namespace.")
 @click.option("--yes", "-y", is_flag=True, help="Don't ask for confirmation.")
 @table_option
@@ -533,7 +533,7 @@ def clear(ctx, dir, namespace, yes, table):
 
 
 @main.command("export")
-@click.argument("dir", type=click.Path(file_okay=False, path_type=str))
+@click.argument("dir")
 @click.argument("id")
 @click.argument("out", type=click.Path(dir_okay=False, path_type=str))
 @table_option
@@ -557,16 +557,18 @@ def export_cmd(ctx, dir, id, out, table):
 
 
 @main.command("import")
-@click.argument("dir", type=click.Path(file_okay=False, path_type=str))
+@click.argument("dir")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--model", "model", required=True, type=click.Path(file_okay=False, path_type=str),
               help="The local model folder the cache was computed with.")
 @click.option("--tokens", default=None, metavar="JSON",
               help="Token ids the cache holds: a JSON list, or a file holding one "
                    "(default: the ids recorded by `tiercache export`).")
+@click.option("--block-size", type=click.IntRange(min=1), default=None,
+              help="Block size when DIR is a new store (default 256).")
 @table_option
 @click.pass_context
-def import_cmd(ctx, dir, file, model, tokens, table):
+def import_cmd(ctx, dir, file, model, tokens, block_size, table):
     """Store an mlx-lm prompt-cache FILE under the model's namespace.
 
     Only mlx-lm cache classes on tiercache's allow-list are ever built from the
@@ -581,7 +583,7 @@ def import_cmd(ctx, dir, file, model, tokens, table):
         if not tp.is_file():
             raise CliError(f"--tokens: not a JSON list and no such file: {tokens}")
         tokens = tp.read_text()
-    with open_store(dir, write=True, create=not Path(dir).exists()) as store:
+    with open_store(dir, write=True, create=not Path(dir).exists(), block_size=block_size) as store:
         res = import_mlx_lm(store, file, model, tokens=tokens)
     data = dict(vars(res))
     emit(data, _want_table(ctx, table), lambda d: print_table(
@@ -632,7 +634,7 @@ def prompt_tokens(tokenizer, prompt: dict) -> list[int]:
 
 
 @main.command()
-@click.argument("dir", type=click.Path(file_okay=False, path_type=str))
+@click.argument("dir")
 @click.option("--model", "model_path", required=True, type=click.Path(exists=True, file_okay=False, path_type=str),
               help="The local mlx-lm model folder to prefill with.")
 @click.option("--prompts", required=True, type=click.Path(dir_okay=False, path_type=str),
