@@ -126,32 +126,28 @@ def cold_outputs(model: str, prompts, max_tokens: int, logdir: Path, timeout: fl
         srv.stop()
 
 
-def verify_store(disk_dir: Path, fix: bool) -> tuple[list[dict], list[dict], str]:
-    """Returns (problems, problems left after a fix or [] , tool used)."""
-    cli = shutil.which("tiercache")
-    if cli and (ROOT / "tools" / "cli.py").exists():
+def verify_store(disk_dir: Path, fix: bool, use_cli: bool = True) -> tuple[list[dict], list[dict], str]:
+    """Returns (problems, problems left after ``fix`` (else []), tool used).
+
+    Uses ``tiercache verify DIR --temp-grace 0 [--fix]`` (JSON on stdout) when the
+    tools CLI is installed; falls back to ``DiskStore(DIR).check()``. The server is
+    dead, so no writer owns a temp file: no grace period.
+    """
+    cli = shutil.which("tiercache") or str(Path(sys.executable).parent / "tiercache")
+    if use_cli and Path(cli).exists() and (ROOT / "tools" / "cli.py").exists():
         try:
-            p = subprocess.run([cli, "verify", str(disk_dir), "--json"], capture_output=True,
+            cmd = [cli, "verify", str(disk_dir), "--temp-grace", "0"]
+            p = subprocess.run(cmd + (["--fix"] if fix else []), capture_output=True,
                                text=True, timeout=120)
             data = json.loads(p.stdout)
-            problems = data.get("problems", data) if isinstance(data, dict) else data
-            if isinstance(problems, list) and all(isinstance(x, dict) and "kind" in x
-                                                  for x in problems):
-                after: list[dict] = []
-                if fix and problems:
-                    subprocess.run([cli, "verify", str(disk_dir), "--fix"], capture_output=True,
-                                   text=True, timeout=120)
-                    p2 = subprocess.run([cli, "verify", str(disk_dir), "--json"],
-                                        capture_output=True, text=True, timeout=120)
-                    d2 = json.loads(p2.stdout)
-                    after = d2.get("problems", d2) if isinstance(d2, dict) else d2
-                return problems, after, "tiercache verify"
-        except (OSError, ValueError, subprocess.SubprocessError):
-            pass  # the CLI is not ready: fall back to the library
+            if p.returncode in (0, 1) and isinstance(data.get("problems"), list):
+                after = data.get("remaining", []) if fix else []
+                return data["problems"], after, "tiercache verify"
+        except (OSError, ValueError, AttributeError, subprocess.SubprocessError):
+            pass  # the CLI is not usable: fall back to the library
     from tiercache.disk import DiskStore
 
     with DiskStore(disk_dir) as store:
-        # The server is dead: no writer can own a temp file, so no grace period.
         problems = [p.to_dict() for p in store.check(temp_grace=0)]
         after = []
         if fix and problems:
