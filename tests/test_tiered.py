@@ -1,0 +1,437 @@
+"""TieredPromptCache with real tiny models, real LMDB and files: budget and eviction
+order, disk fallback and promotion, write-behind under a slow disk, restart, exact
+hits, max_bytes on every path, threads, write policies, memory-only mode, salts and
+namespaces. (Hybrid-model checkpoints: test_tiered_checkpoints.py.)"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import random_tokens
+from mlx_helpers import cold_greedy, first_logits, greedy_continue, prefill
+from mlx_lm.models.cache import make_prompt_cache
+
+from tiercache import TieredPromptCache
+from tiercache.disk import DiskStore
+from tiercache.memory import clone_prompt_cache
+from tiercache.namespaces import model_namespace
+
+B = 8  # block size: small so short prompts span several blocks
+GEN = 12  # greedy tokens compared against a cold run
+
+
+def _snap(model, tokens):
+    cache = make_prompt_cache(model)
+    prefill(model, tokens, cache)
+    return cache
+
+
+def _size(snapshot) -> int:
+    return sum(c.nbytes for c in snapshot)
+
+
+def _warm_equals_cold(model, cache, query, rem):
+    """Generation from a fetched (cache, remainder) equals a cold run of the query."""
+    assert cache is not None and 0 < len(rem) < len(query)
+    assert all(c.offset == len(query) - len(rem) for c in cache)
+    assert greedy_continue(model, cache, rem, GEN) == cold_greedy(model, query, GEN)
+
+
+def _tc(tmp_path, **kw):
+    kw.setdefault("block_size", B)
+    return TieredPromptCache(disk_dir=tmp_path / "store", **kw)
+
+
+# --------------------------------------------------------------------- budget and order
+
+
+def test_budget_and_exact_eviction_order(tiny_llama, tiny_llama_path, tmp_path):
+    model, _ = tiny_llama
+    key = str(tiny_llama_path)
+    seqs = {name: random_tokens(20 + i, seed=100 + i) for i, name in enumerate("ADBCEFGHI")}
+    snaps = {n: _snap(model, t) for n, t in seqs.items()}
+    S = _size(snaps["A"])
+    assert all(_size(s) == S for s in snaps.values())  # same buffer size: budget in entries
+    tc = _tc(tmp_path, max_size=100, max_bytes=4 * S + S // 2, handover=False)
+    order = []
+    inner = tc.memory.on_evict
+    by_tokens = {tuple(t): n for n, t in seqs.items()}
+
+    def record(key_, tokens, pc, ctype):
+        order.append(by_tokens[tuple(tokens)])
+        inner(key_, tokens, pc, ctype)
+
+    tc.memory.on_evict = record
+    types = dict(A="assistant", D="assistant", B="user", C="system", E="assistant",
+                 F="user", G="user", H="system", I="system")
+
+    def ins(name):
+        tc.insert_cache(key, seqs[name], snaps[name], cache_type=types[name])
+        assert tc.nbytes <= tc.max_bytes
+
+    for n in "ADBC":
+        ins(n)
+    assert order == [] and len(tc) == 4
+    cache, _ = tc.fetch_nearest_cache(key, seqs["A"] + [5])  # A becomes more recent than D
+    assert tc.last_fetch.source == "memory" and tc.last_fetch.memory_tokens == len(seqs["A"])
+    ins("E")  # assistants [D, A, E] outnumber users: LRU assistant D goes
+    ins("F")  # assistants [A, E] >= users [B, F]: A
+    ins("G")  # assistants [E] < users [B, F, G] >= systems [C]: B
+    ins("H")  # [E] < [F, G] >= [C, H]: F
+    ins("I")  # [E] >= [G]: E
+    assert order == ["D", "A", "B", "F", "E"]
+    tc.trim_to(n_sequences=2)  # no assistants; users [G] < systems [C, H, I]: C, then H
+    assert order == ["D", "A", "B", "F", "E", "C", "H"]
+    assert sorted(by_tokens[t] for _, t, _, _ in tc.memory.entries()) == ["G", "I"]
+    st = tc.stats()
+    assert st["memory"]["evictions"] == 7 and st["disk"]["demotions"] == 7
+    assert tc.stats_by_type()["user"]["n_sequences"] == 1
+
+    # Evicted snapshots come back from disk (written through), exactly.
+    assert tc.flush(30)
+    for name in ("D", "B", "C"):
+        q = seqs[name] + [7, 8, 9]
+        cache, rem = tc.fetch_nearest_cache(key, q)
+        assert tc.last_fetch.source == "disk" and tc.last_fetch.disk_tokens == len(seqs[name])
+        assert tc.nbytes <= tc.max_bytes
+        _warm_equals_cold(model, cache, q, rem)
+    assert tc.stats()["disk"]["promotions"] == 3
+    assert tc.close()
+
+
+# --------------------------------------------------------------------- promotion
+
+
+def test_disk_longer_than_memory_promotes(tiny_llama, tiny_llama_path, tmp_path):
+    model, _ = tiny_llama
+    key = str(tiny_llama_path)
+    long = random_tokens(40, seed=7)
+    tc = _tc(tmp_path)
+    tc.insert_cache(key, long, _snap(model, long))
+    assert tc.flush(30)
+    tc.clear("memory")
+    tc.insert_cache(key, long[:16], _snap(model, long[:16]))  # memory: 16, disk: 40
+    q = long + [3, 4, 5]
+    cache, rem = tc.fetch_nearest_cache(key, q)
+    info = tc.last_fetch
+    assert (info.source, info.disk_tokens, info.memory_tokens) == ("disk", 40, 0)
+    assert info.cached_tokens == len(q) - len(rem) == 40
+    want = first_logits(model, _snap(model, long), rem)
+    np.testing.assert_allclose(first_logits(model, cache, rem), want, atol=1e-4)
+    # The promoted snapshot now serves the same lookup from memory.
+    cache, rem = tc.fetch_nearest_cache(key, q)
+    assert (tc.last_fetch.source, tc.last_fetch.memory_tokens) == ("memory", 40)
+    _warm_equals_cold(model, cache, q, rem)
+    # Disk ahead by less than min_promote_tokens (one block): memory wins, no restore.
+    tc.insert_cache(key, long[:36], _snap(model, long[:36]))
+    cache, rem = tc.fetch_nearest_cache(key, q)
+    assert (tc.last_fetch.source, tc.last_fetch.memory_tokens) == ("memory", 36)
+    assert tc.stats()["disk"]["promotions"] == 1
+    assert tc.close()
+
+
+# --------------------------------------------------------------------- write-behind
+
+
+def test_write_behind_never_blocks_and_overflow_drops(tiny_llama, tiny_llama_path, tmp_path, monkeypatch):
+    model, _ = tiny_llama
+    key = str(tiny_llama_path)
+    seqs = [random_tokens(24, seed=200 + i) for i in range(8)]
+    snaps = [_snap(model, t) for t in seqs]
+    S = _size(snaps[0])
+    entered, release = threading.Event(), threading.Event()
+    real_save = DiskStore.save
+
+    def slow_save(self, *a, **kw):  # fault injection: a disk that hangs
+        entered.set()
+        assert release.wait(60)
+        return real_save(self, *a, **kw)
+
+    monkeypatch.setattr(DiskStore, "save", slow_save)
+    tc = _tc(tmp_path, writer_queue_bytes=2 * S + S // 2)
+    tc.insert_cache(key, seqs[0], snaps[0])
+    assert entered.wait(10)  # the writer is stuck inside save with job 0
+    for t, s in zip(seqs[1:], snaps[1:]):
+        tc.insert_cache(key, t, s)  # returns although the disk doesn't move
+    w = tc.stats()["writer"]
+    assert w["pending"] == 3 and w["queue_bytes"] == 2 * S  # 1 in save + 2 queued
+    assert w["dropped_writes"] == 5 and w["written"] == 0  # oldest pending dropped
+    # Snapshots still waiting (or dropped) are served from memory.
+    for t in (seqs[3], seqs[7]):
+        cache, rem = tc.fetch_nearest_cache(key, t + [1])
+        assert tc.last_fetch.source == "memory" and len(rem) == 1
+    release.set()
+    assert tc.flush(30)
+    w = tc.stats()["writer"]
+    assert (w["written"], w["dropped_writes"], w["errors"], w["pending"]) == (3, 5, 0, 0)
+    assert tc.disk.check() == []
+    tc.clear("memory")
+    for i, t in enumerate(seqs):
+        tc.fetch_nearest_cache(key, t + [1])
+        assert tc.last_fetch.disk_tokens == (24 if i in (0, 6, 7) else 0)
+    assert tc.close()
+
+
+def test_close_drains_within_timeout(tiny_llama, tiny_llama_path, tmp_path, monkeypatch):
+    model, _ = tiny_llama
+    key = str(tiny_llama_path)
+    seqs = [random_tokens(17, seed=300 + i) for i in range(3)]
+    real_save = DiskStore.save
+
+    def slow_save(self, *a, **kw):
+        time.sleep(0.15)
+        return real_save(self, *a, **kw)
+
+    monkeypatch.setattr(DiskStore, "save", slow_save)
+    tc = _tc(tmp_path)
+    for t in seqs:
+        tc.insert_cache(key, t, _snap(model, t))
+    assert tc.close(flush_timeout=30) is True  # drained
+    monkeypatch.setattr(DiskStore, "save", real_save)
+    with _tc(tmp_path) as tc2:
+        for t in seqs:
+            tc2.fetch_nearest_cache(key, t + [1])
+            assert tc2.last_fetch.disk_tokens == 17
+    # A timeout too short to drain: close says so, drops the rest, stays consistent.
+    monkeypatch.setattr(DiskStore, "save", slow_save)
+    tc3 = _tc(tmp_path)
+    more = [random_tokens(17, seed=400 + i) for i in range(4)]
+    for t in more:
+        tc3.insert_cache(key, t, _snap(model, t))
+    assert tc3.close(flush_timeout=0.05) is False
+    assert tc3.writer.counters["dropped_writes"] >= 1
+    monkeypatch.setattr(DiskStore, "save", real_save)
+    with DiskStore(tmp_path / "store") as store:
+        assert store.check() == []
+
+
+# --------------------------------------------------------------------- restart
+
+
+def test_restart_serves_from_disk(tiny_llama, tiny_llama_path, tmp_path):
+    model, _ = tiny_llama
+    key = (str(tiny_llama_path), None, None)  # mlx_lm.server's key shape
+    seqs = [random_tokens(n, seed=500 + n) for n in (13, 30, 45)]
+    tc = _tc(tmp_path, prewarm_bytes=0)
+    for t in seqs:
+        tc.insert_cache(key, t, _snap(model, t))
+    assert tc.close(flush_timeout=30)
+    tc = _tc(tmp_path, prewarm_bytes=1 << 20)  # the index is the truth: no scan
+    assert len(tc) == 0
+    for t in seqs:
+        q = t + [9, 10]
+        cache, rem = tc.fetch_nearest_cache(key, q)
+        assert tc.last_fetch.source == "disk" and tc.last_fetch.disk_tokens == len(t)
+        _warm_equals_cold(model, cache, q, rem)
+    assert tc.close()
+
+
+# --------------------------------------------------------------------- exact hit
+
+
+def test_exact_hit_leaves_a_token(tiny_llama, tiny_llama_path, tmp_path):
+    model, _ = tiny_llama
+    key = str(tiny_llama_path)
+    toks = random_tokens(33, seed=11)
+    tc = _tc(tmp_path)
+    tc.insert_cache(key, toks, _snap(model, toks))
+    for _ in range(2):  # memory hit (handed over), then the same from disk
+        cache, rem = tc.fetch_nearest_cache(key, toks)
+        assert len(rem) >= 1 and rem == toks[len(toks) - len(rem):]
+        assert tc.last_fetch.cached_tokens == len(toks) - 1
+        _warm_equals_cold(model, cache, toks, rem)
+        tc.flush(30)
+    assert tc.stats()["disk"]["hits"] == 1
+    cache, rem = tc.fetch_nearest_cache(key, toks[:1])  # one-token query: nothing to reuse
+    assert cache is None and rem == toks[:1]
+    assert tc.close()
+
+
+# --------------------------------------------------------------------- max_bytes
+
+
+def test_max_bytes_on_every_path(tiny_llama, tiny_llama_path, tmp_path):
+    model, _ = tiny_llama
+    key = str(tiny_llama_path)
+    small = [random_tokens(20, seed=600 + i) for i in range(4)]
+    big = random_tokens(300, seed=9)  # 300 tokens: a 512-row buffer, twice the size
+    S = _size(_snap(model, small[0]))
+    tc = _tc(tmp_path, max_bytes=2 * S + S // 2)
+    for t in small:  # insert
+        tc.insert_cache(key, t, _snap(model, t))
+        assert tc.nbytes <= tc.max_bytes
+    assert len(tc) == 2
+    tc.insert_cache(key, big, _snap(model, big))  # bigger than what is left
+    assert tc.nbytes <= tc.max_bytes and len(tc) == 1
+    assert tc.flush(30)
+    for t in small:  # promotion
+        tc.fetch_nearest_cache(key, t + [1])
+        assert tc.last_fetch.source in ("disk", "memory")
+        assert tc.nbytes <= tc.max_bytes
+    tc.trim_to(n_bytes=S)  # trim_to
+    assert tc.nbytes <= S
+    tc.trim_to(n_bytes=0)
+    assert tc.nbytes == 0 and len(tc) == 0
+    # A snapshot larger than the whole budget is never held, but persisted.
+    tiny = _tc(tmp_path / "t", max_bytes=S // 2)
+    tiny.insert_cache(key, small[0], _snap(model, small[0]))
+    assert tiny.nbytes == 0
+    tiny.flush(30)
+    cache, rem = tiny.fetch_nearest_cache(key, small[0] + [1])
+    assert tiny.last_fetch.disk_tokens == 20 and tiny.nbytes <= tiny.max_bytes
+    assert tiny.close() and tc.close()
+
+
+# --------------------------------------------------------------------- threads
+
+
+def test_threads_no_errors_no_wrong_hits(tiny_llama, tiny_llama_path, tmp_path):
+    model, _ = tiny_llama
+    key = str(tiny_llama_path)
+    base = random_tokens(24, seed=42)
+    # Sequences sharing prefixes of different lengths: wrong hits would be easy.
+    seqs = [base[:k] + random_tokens(12 + i, seed=700 + i) for i, k in enumerate((0, 8, 8, 16, 24, 24))]
+    snaps = [_snap(model, t) for t in seqs]
+    S = _size(snaps[0])
+    queries = [t + [5, 6] for t in seqs] + [t[: len(t) - 3] + [7] for t in seqs]
+    ref_keys = [[np.array(c.keys[..., : len(q), :]) for c in _snap(model, q)] for q in queries]
+    tc = _tc(tmp_path, max_bytes=2 * S, writer_queue_bytes=4 * S)
+    for t, s in zip(seqs, snaps):  # the disk starts with everything, memory with little
+        tc.insert_cache(key, t, s)
+    assert tc.flush(30)
+    tc.clear("memory")
+    results, errors = [], []
+
+    def worker(wid):
+        rng = random.Random(wid)
+        try:
+            for _ in range(25):
+                i = rng.randrange(len(seqs))
+                tc.insert_cache(key, seqs[i], clone_prompt_cache(snaps[i]),
+                                cache_type=rng.choice(["assistant", "user", "system"]))
+                qi = rng.randrange(len(queries))
+                cache, rem = tc.fetch_nearest_cache(key, queries[qi])
+                info = tc.last_fetch
+                results.append((qi, cache, rem, info.source, info.cached_tokens))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert len(results) == 100
+    assert {r[3] for r in results} >= {"memory", "disk"}
+    for qi, cache, rem, src, n in results:
+        q = queries[qi]
+        assert n == len(q) - len(rem) and rem == q[n:] and len(rem) >= 1
+        if cache is None:
+            assert n == 0
+            continue
+        for layer, ref in zip(cache, ref_keys[qi]):  # no wrong hit: the rows are q's
+            assert layer.offset == n
+            np.testing.assert_allclose(np.array(layer.keys[..., :n, :]), ref[..., :n, :], atol=1e-4)
+    sample = [r for r in results if r[1] is not None][::12]
+    for qi, cache, rem, _, _ in sample:
+        want = first_logits(model, make_prompt_cache(model), queries[qi])
+        np.testing.assert_allclose(first_logits(model, cache, rem), want, atol=1e-4)
+    assert tc.flush(30)
+    assert tc.stats()["writer"]["errors"] == 0
+    assert tc.disk.check() == []
+    assert tc.close()
+
+
+# --------------------------------------------------------------------- write policies
+
+
+def test_write_back_persists_only_on_eviction(tiny_llama, tiny_llama_path, tmp_path):
+    model, _ = tiny_llama
+    key = str(tiny_llama_path)
+    seqs = [random_tokens(20, seed=800 + i) for i in range(3)]
+    tc = _tc(tmp_path, write_policy="back")
+    for t in seqs:
+        tc.insert_cache(key, t, _snap(model, t))
+    assert tc.flush(30)
+    assert tc.stats()["disk"]["entries"] == 0 and tc.stats()["writer"]["written"] == 0
+    tc.trim_to(n_sequences=1)  # evicts seqs[0], seqs[1]
+    assert tc.flush(30)
+    assert tc.stats()["writer"]["written"] == 2
+    tc.clear("memory")
+    for i, t in enumerate(seqs):
+        q = t + [4]
+        cache, rem = tc.fetch_nearest_cache(key, q)
+        if i < 2:
+            assert tc.last_fetch.source == "disk"
+            _warm_equals_cold(model, cache, q, rem)
+        else:
+            assert cache is None and tc.last_fetch.source == "none"
+    with pytest.raises(ValueError):
+        TieredPromptCache(write_policy="around")
+    assert tc.close()
+
+
+def test_memory_only(tiny_llama, tiny_llama_path):
+    model, _ = tiny_llama
+    key = str(tiny_llama_path)
+    toks = random_tokens(30, seed=12)
+    tc = TieredPromptCache(max_size=1)
+    tc.insert_cache(key, toks, _snap(model, toks))
+    q = toks + [1, 2]
+    cache, rem = tc.fetch_nearest_cache(key, q)
+    assert tc.last_fetch.source == "memory"
+    _warm_equals_cold(model, cache, q, rem)
+    other = random_tokens(30, seed=13)
+    tc.insert_cache(key, toks, _snap(model, toks))
+    tc.insert_cache(key, other, _snap(model, other))  # max_size=1: toks is gone for good
+    cache, rem = tc.fetch_nearest_cache(key, q)
+    assert cache is None and rem == q and tc.last_fetch.source == "none"
+    st = tc.stats()
+    assert "disk" not in st and "writer" not in st and st["memory"]["entries"] == 1
+    assert tc.flush() and tc.close()
+
+
+# --------------------------------------------------------------------- salts, namespaces
+
+
+def test_salt_isolation(tiny_llama, tiny_llama_path, tmp_path):
+    model, _ = tiny_llama
+    key = str(tiny_llama_path)
+    toks = random_tokens(26, seed=14)
+    q = toks + [3]
+    tc = _tc(tmp_path)
+    tc.insert_cache(key, toks, _snap(model, toks), salt="tenant-a")
+    assert tc.flush(30)
+    for tier in ("memory", "disk"):
+        assert tc.fetch_nearest_cache(key, q, salt="tenant-b")[0] is None
+        assert tc.fetch_nearest_cache(key, q)[0] is None
+        cache, rem = tc.fetch_nearest_cache(key, q, salt="tenant-a")
+        assert tc.last_fetch.source == tier and len(rem) == 1
+        tc.clear("memory")
+    assert tc.close()
+
+
+def test_register_model_namespace_equals_auto(tiny_llama, tiny_llama_path, tmp_path):
+    model, _ = tiny_llama
+    toks = random_tokens(20, seed=15)
+    tc = _tc(tmp_path)
+    auto_key = str(tiny_llama_path)
+    tc.insert_cache(auto_key, toks, _snap(model, toks))
+    assert tc.flush(30)
+    auto_ns = tc._ns_by_key[auto_key]
+    reg = tc.register_model("my-model", tiny_llama_path, model)
+    assert reg == auto_ns == model_namespace(tc.disk, tiny_llama_path, model)
+    # Another spelling of the same model finds the same disk entries.
+    for k in ("my-model", (str(tiny_llama_path), None, None)):
+        cache, rem = tc.fetch_nearest_cache(k, toks + [2])
+        assert tc.last_fetch.source == "disk" and len(rem) == 1
+    # A key naming no model folder stays memory-only (and never hits the disk).
+    tc.fetch_nearest_cache("no-such-model", toks + [2])
+    assert tc.last_fetch.source == "none"
+    assert tc.close()
