@@ -124,6 +124,9 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
                            f"serves {engine.model_id!r}", "model", "model_not_found")
         try:
             tokens = await run_in_threadpool(tokens_fn)
+            user_start = 0
+            if isinstance(tokens, tuple):
+                tokens, user_start = tokens
             max_tokens = engine.resolve_max_tokens(tokens, body.requested_max_tokens())
         except RequestError as exc:
             raise APIError(400, str(exc), exc.param, exc.code) from None
@@ -137,6 +140,7 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
             stops=body.stop_list(),
             salt=body.cache_salt,
             request_id=uuid.uuid4().hex[:12],
+            user_start=user_start,
         )
         job = Job(params, asyncio.get_running_loop())
         try:
@@ -262,7 +266,8 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         except ValueError as exc:
             raise APIError(400, str(exc), "messages") from None
-        return await _serve(request, body, lambda: engine.chat_tokens(messages), chat=True)
+        return await _serve(request, body, lambda: engine.chat_request_tokens(messages),
+                            chat=True)
 
     @app.post("/v1/completions", dependencies=[Depends(require_key)])
     async def completions(body: CompletionRequest, request: Request):

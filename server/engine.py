@@ -51,6 +51,8 @@ class GenParams:
         seed: Optional random seed.
         stops: Stop strings (not included in the output).
         salt: Cache isolation salt.
+        user_start: Token position where the last user message starts
+            (chat requests on models with non-trimmable cache layers).
         arrived: ``time.perf_counter()`` when the request arrived.
         request_id: For the log line.
     """
@@ -64,6 +66,7 @@ class GenParams:
     salt: Optional[str] = None
     arrived: float = field(default_factory=time.perf_counter)
     request_id: str = ""
+    user_start: int = 0
 
 
 class _StopText:
@@ -124,6 +127,7 @@ class Engine:
         self.model_key: Optional[str] = None
         self.context_length: Optional[int] = None
         self.vocab_size: Optional[int] = None
+        self.trimmable = True
         self.created = int(time.time())
 
     # ------------------------------------------------------------------ load
@@ -160,6 +164,9 @@ class Engine:
             prewarm_bytes=cfg.prewarm_bytes,
         )
         self.cache.register_model(self.model_key, path, model)
+        from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
+
+        self.trimmable = bool(can_trim_prompt_cache(make_prompt_cache(model)))
         logger.info(
             "loaded model %s in %.2fs (context %s, vocab %s; disk tier %s)",
             path,
@@ -183,6 +190,29 @@ class Engine:
         return False
 
     # ------------------------------------------------------------ tokenize
+    def chat_request_tokens(self, messages: List[dict]) -> tuple[List[int], int]:
+        """Tokenize a chat and find where its last user message starts.
+
+        The position is only computed for models with non-trimmable cache
+        layers, which need a checkpoint there (see ``tiercache.checkpoints``).
+
+        Args:
+            messages: ``[{"role", "content"}]`` with string contents.
+
+        Returns:
+            ``(prompt token ids, last user message start or 0)``.
+        """
+        tokens = self.chat_tokens(messages)
+        user_start = 0
+        if not self.trimmable and getattr(self.tokenizer, "has_chat_template", False):
+            try:
+                from tiercache.checkpoints import last_user_message_start
+
+                user_start = last_user_message_start(self.tokenizer, messages)
+            except Exception as exc:  # a missing checkpoint only costs speed
+                logger.debug("no user-start checkpoint: %s", exc)
+        return tokens, user_start
+
     def chat_tokens(self, messages: List[dict]) -> List[int]:
         """Render chat messages with the model's template and tokenize.
 
@@ -308,6 +338,9 @@ class Engine:
             if cancelled():
                 raise Cancelled()
 
+        if not self.trimmable and len(rest) > 1:
+            rest = self._checkpointed_prefill(p, tokens, rest, cached, prompt_cache)
+
         generated: List[int] = []
         stopper = _StopText(p.stops)
         finish = "length"
@@ -378,6 +411,34 @@ class Engine:
             len(generated),
             finish,
         )
+
+    def _checkpointed_prefill(self, p: GenParams, tokens: List[int], rest: List[int],
+                              cached: int, prompt_cache: list) -> List[int]:
+        """Prefill all but the last token of a non-trimmable cache, snapshotting.
+
+        Follows the chunk-boundary rule of ``tiercache.checkpoints`` so that a
+        restored checkpoint continues exactly like a cold run, and inserts a
+        ``"system"`` checkpoint at the start of the last user message.
+
+        Returns:
+            The tokens still to feed (the last prompt token).
+        """
+        try:
+            from tiercache.checkpoints import CheckpointPolicy, prefill_with_checkpoints
+        except ImportError:
+            return rest
+        policy = CheckpointPolicy(min_tokens=self.cfg.block_size)
+        stops = policy.stops(prompt_len=len(tokens), user_start=p.user_start,
+                             trimmable=False, cached=cached)
+        snaps = prefill_with_checkpoints(self.model, prompt_cache, rest[:-1], stops,
+                                         self.cfg.prefill_step_size, offset=cached)
+        for pos in sorted(snaps):
+            try:
+                self.cache.insert_cache(self.model_key, tokens[:pos], snaps[pos],
+                                        cache_type="system", salt=p.salt)
+            except Exception:
+                logger.exception("checkpoint insert failed")
+        return rest[-1:]
 
     def _insert(self, key: List[int], prompt_cache: list, salt, can_trim, trim) -> None:
         """Insert the post-generation cache state under exactly its tokens."""

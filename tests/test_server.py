@@ -330,3 +330,31 @@ def test_bad_flags_exit_2_with_one_line(tmp_path):
                        env=_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0
     assert "default: 8080" in p.stdout and "TIERCACHE_PROMPT_CACHE_BYTES" in p.stdout
+
+
+def test_hybrid_model_checkpoints_and_determinism(tiny_hybrid_path, tmp_path):
+    """Non-trimmable (conv + attention) layers: checkpoints make later turns hit."""
+    args = ["--model", str(tiny_hybrid_path), "--disk-dir", str(tmp_path / "disk"),
+            "--block-size", "16"]
+    srv = start_server(args, tmp_path / "hybrid.log")
+    try:
+        c = _client(srv)
+        system = {"role": "system", "content": SYSTEM + " " + SYSTEM}
+        first = _chat(c, [system, {"role": "user", "content": "Where is the library?"}])
+        # A different last user message shares the system-prompt checkpoint.
+        other = _chat(c, [system, {"role": "user", "content": "How old is the moon?"}])
+        assert _details(other.usage)["cached_tokens"] > 0
+        again = _chat(c, [system, {"role": "user", "content": "Where is the library?"}])
+        assert _details(again.usage)["cached_tokens"] > 0
+        assert again.choices[0].message.content == first.choices[0].message.content
+        wait_for(lambda: disk_entries(srv.base_url) > 0)
+    finally:
+        assert srv.stop() == 0, srv.log()
+    srv = start_server(args, tmp_path / "hybrid2.log")
+    try:
+        after = _chat(_client(srv), [system, {"role": "user", "content": "Where is the library?"}])
+        d = _details(after.usage)
+        assert d["disk_tokens"] > 0, d
+        assert after.choices[0].message.content == first.choices[0].message.content
+    finally:
+        assert srv.stop() == 0, srv.log()
