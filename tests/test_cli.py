@@ -121,7 +121,7 @@ def test_stats(filled):
     assert budget["budget_bytes"] == 1 << 20 and 0 < budget["budget_used"] < 1
     out = run("stats", d, "--table").stdout
     assert "TOTAL" in out and "tiny-llama" in out and "KiB" in out
-    assert run("--table", "stats", d).stdout == out or "TOTAL" in run("--table", "stats", d).stdout
+    assert "TOTAL" in run("--table", "stats", d).stdout  # the group-level flag works too
 
 
 def test_ls(filled):
@@ -236,8 +236,7 @@ def test_evict_namespace_and_age(filled):
     time.sleep(0.05)
     res = jrun("evict", d, "--older-than", "0.01s", "--namespace", ns.hex()[:8])
     assert res["evicted_records"] > 0 and res["bytes_after"] == 0
-    d2 = filled[0]
-    assert jrun("verify", d2)["clean"]
+    assert jrun("verify", d)["clean"]
 
 
 def test_evict_namespace(filled):
@@ -259,7 +258,7 @@ def test_clear_confirms(filled):
     res = run("clear", d, input="n\n", ok=False)
     assert res.exit_code == 1 and len(_ls(d)) == 3
     res = run("clear", d, "--namespace", ns.hex()[:8], input="y\n")
-    assert json.loads(res.stdout.splitlines()[-1] if False else res.stdout[res.stdout.index("{"):])["removed_records"] > 0
+    assert json.loads(res.stdout)["removed_records"] > 0
     assert _ls(d) == []
     assert jrun("clear", d, "--yes")["removed_records"] == 0
     assert jrun("verify", d)["clean"]
