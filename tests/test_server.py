@@ -256,20 +256,63 @@ def test_cache_stats_and_reset(server):
     assert r.status_code == 200 and r.json()["tier"] == "all"
 
 
-def test_api_key(tiny_llama_path, tmp_path):
-    srv = start_server(["--model", str(tiny_llama_path), "--api-key", "sekret"],
-                       tmp_path / "key.log")
+def test_api_key_queue_limit_and_loading_health(tiny_llama_path, tmp_path):
+    from server_helpers import ServerProcess
+
+    srv = ServerProcess("server.cli", ["--model", str(tiny_llama_path), "--api-key", "sekret",
+                                       "--max-queue", "1"], tmp_path / "key.log")
     try:
+        # /health is 503 ("loading") until the model is ready, then 200.
+        codes = []
+
+        def healthy():
+            try:
+                codes.append(httpx.get(srv.base_url + "/health", timeout=5).status_code)
+            except httpx.HTTPError:
+                return False
+            return codes[-1] == 200
+
+        wait_for(healthy, timeout=120)
+        assert set(codes) <= {200, 503}
+
         with pytest.raises(openai.AuthenticationError):
-            _chat(_client(srv, "wrong"), [{"role": "user", "content": "hi"}])
+            _client(srv, "wrong").completions.create(model="tiny-llama", prompt="hi",
+                                                     max_tokens=2)
         _assert_envelope(httpx.post(srv.base_url + "/v1/cache/reset"), 401)
         _assert_envelope(httpx.get(srv.base_url + "/v1/models"), 401)
-        assert httpx.get(srv.base_url + "/health").status_code == 200
+        _assert_envelope(httpx.get(srv.base_url + "/v1/models",
+                                   headers={"Authorization": "Bearer nope"}), 401)
         resp = _chat(_client(srv, "sekret"), [{"role": "user", "content": "hi"}])
         assert resp.choices[0].message.content is not None
-        r = httpx.post(srv.base_url + "/v1/cache/reset",
-                       headers={"Authorization": "Bearer sekret"}, timeout=60)
+        auth = {"Authorization": "Bearer sekret"}
+        r = httpx.post(srv.base_url + "/v1/cache/reset", headers=auth, timeout=60)
         assert r.status_code == 200
+
+        # One running + one queued; the rest are refused with 429 at once.
+        statuses, release = [], threading.Event()
+
+        def one():
+            with httpx.stream("POST", srv.base_url + "/v1/completions", headers=auth,
+                              json={"prompt": "busy", "max_tokens": 4000, "stream": True},
+                              timeout=120) as r:
+                statuses.append(r.status_code)
+                if r.status_code == 429:
+                    r.read()
+                    assert r.json()["error"]["type"] == "rate_limit_error"
+                else:
+                    release.wait(120)
+
+        threads = [threading.Thread(target=one) for _ in range(5)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: 429 in statuses, timeout=120)
+        release.set()
+        for t in threads:
+            t.join()
+        assert len(statuses) == 5 and set(statuses) <= {200, 429}, statuses
+        assert statuses.count(200) >= 1
+        resp = _chat(_client(srv, "sekret"), [{"role": "user", "content": "still here?"}])
+        assert resp.choices[0].finish_reason in ("stop", "length")
     finally:
         assert srv.stop(signal.SIGINT) == 0, srv.log()
 
