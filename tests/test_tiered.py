@@ -435,3 +435,16 @@ def test_register_model_namespace_equals_auto(tiny_llama, tiny_llama_path, tmp_p
     tc.fetch_nearest_cache("no-such-model", toks + [2])
     assert tc.last_fetch.source == "none"
     assert tc.close()
+
+
+def test_snapshot_not_matching_its_tokens_is_refused(tiny_llama, tiny_llama_path, tmp_path):
+    model, _ = tiny_llama
+    key = str(tiny_llama_path)
+    toks = random_tokens(21, seed=16)
+    tc = _tc(tmp_path)
+    tc.insert_cache(key, toks + [5], _snap(model, toks))  # one token more than the cache holds
+    assert tc.flush(30)
+    cache, rem = tc.fetch_nearest_cache(key, toks + [5, 6])
+    assert cache is None and tc.stats()["rejected_inserts"] == 1
+    assert tc.stats()["disk"]["entries"] == 0
+    assert tc.close()

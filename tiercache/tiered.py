@@ -69,6 +69,15 @@ class FetchInfo:
         return "memory" if self.memory_tokens else "none"
 
 
+def _offset_mismatch(prompt_cache: list, n: int):
+    """``(layer, offset)`` of the first layer whose integer ``offset`` isn't ``n``, or None."""
+    for i, layer in enumerate(prompt_cache):
+        off = getattr(layer, "offset", None)
+        if type(off) is int and off != n:
+            return i, off
+    return None
+
+
 class TieredPromptCache:
     """A prefix cache that keeps hot snapshots in memory and everything on disk.
 
@@ -133,6 +142,7 @@ class TieredPromptCache:
             "promotions": 0,
             "demotions": 0,
             "restore_seconds": 0.0,
+            "rejected_inserts": 0,
         }
         self._closed = False
         if self.disk is not None and prewarm_bytes > 0:
@@ -206,23 +216,26 @@ class TieredPromptCache:
             exact hit gives back the last token (mlx-lm #1215). The cache belongs to
             the caller. :attr:`last_fetch` says where the tokens came from.
         """
-        tokens = list(tokens)
+        tokens = tokens if type(tokens) is tuple else tuple(tokens)  # converted once
         info = FetchInfo(query_tokens=len(tokens))
         self._local.info = info
         self.counters["queries"] += 1
         self.counters["query_tokens"] += len(tokens)
         if not tokens:
-            return None, tokens
+            return None, []
         limit = len(tokens) - 1
         sb = salt_bytes(salt)
-        plans = []
-        for ns in self._namespaces(model):
-            plan = self.disk.longest_prefix(ns, tokens, salt=sb, limit=limit)
-            if plan.n_tokens:
-                plans.append(plan)
-        disk_best = max((p.n_tokens for p in plans), default=0)
         hit = self.memory.fetch((model, sb), tokens, limit=limit, handover=self.handover)
         mem_n = hit.n_tokens if hit else 0
+        # The disk is asked only when it could win: beat memory by min_promote_tokens
+        # (any disk hit counts when memory has nothing).
+        plans = []
+        if self.disk is not None and (mem_n == 0 or limit - mem_n >= max(1, self.min_promote_tokens)):
+            for ns in self._namespaces(model):
+                plan = self.disk.longest_prefix(ns, tokens, salt=sb, limit=limit)
+                if plan.n_tokens:
+                    plans.append(plan)
+        disk_best = max((p.n_tokens for p in plans), default=0)
         if disk_best > mem_n and (mem_n == 0 or disk_best - mem_n >= self.min_promote_tokens):
             t0 = time.perf_counter()
             cache, n = self._restore(plans, tokens, sb, limit)
@@ -236,11 +249,11 @@ class TieredPromptCache:
                 self.counters["disk_hit_tokens"] += n
                 self.counters["promotions"] += 1
                 self.counters["restore_seconds"] += dt
-                return cache, tokens[n:]
+                return cache, list(tokens[n:])
         if hit is None:
-            return None, tokens
+            return None, list(tokens)
         info.memory_tokens = mem_n
-        return hit.prompt_cache, tokens[mem_n:]
+        return hit.prompt_cache, list(tokens[mem_n:])
 
     def _restore(self, plans, tokens, salt, limit):
         best = (None, 0)
@@ -270,8 +283,15 @@ class TieredPromptCache:
         The arrays are evaluated here, on the caller's thread; the writer only
         reads evaluated buffers. Costs the caller no disk I/O.
         """
-        tokens = list(tokens)
+        tokens = tokens if type(tokens) is tuple else tuple(tokens)
         if not tokens or not prompt_cache:
+            return
+        bad = _offset_mismatch(prompt_cache, len(tokens))
+        if bad is not None:
+            # A snapshot that holds other than len(tokens) tokens would be served as
+            # covering `tokens`: a wrong hit. Refuse it (a miss is always safe).
+            log.warning("not caching a snapshot of %d tokens whose layer %d holds %d", len(tokens), *bad)
+            self.counters["rejected_inserts"] += 1
             return
         sb = salt_bytes(salt)
         mx.eval(list(cache_arrays(prompt_cache)))
@@ -343,6 +363,7 @@ class TieredPromptCache:
             },
             "queries": self.counters["queries"],
             "query_tokens": self.counters["query_tokens"],
+            "rejected_inserts": self.counters["rejected_inserts"],
         }
         if self.disk is not None:
             d = self.disk.stats()
