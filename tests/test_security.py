@@ -332,3 +332,21 @@ def test_no_pickle_or_eval_on_load_paths():
             if banned.search(line) and not line.lstrip().startswith("#"):
                 hits.append(f"{p.name}:{i}: {line.strip()}")
     assert not hits, hits
+
+
+# --------------------------------------------------------------------------- fuzz
+
+
+@pytest.mark.slow
+def test_short_fuzz_no_5xx(tiny_llama_path, tmp_path):
+    """A deterministic 150-case run of tools/fuzz_test.py (the full run is manual)."""
+    from tools.fuzz_test import run_fuzz
+
+    srv = start_server(["--model", str(tiny_llama_path), "--max-tokens", "4", "--disk-dir",
+                        str(tmp_path / "disk"), "--block-size", "16"], tmp_path / "fuzz.log")
+    try:
+        summary = run_fuzz(srv.base_url, examples=150, seconds=60, seed=0)
+    finally:
+        assert srv.stop() == 0, srv.log()
+    assert summary["ok"], summary
+    assert summary["server_errors_5xx"] == 0 and summary["cases_run"] > 0
