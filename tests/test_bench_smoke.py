@@ -1,0 +1,67 @@
+"""Every benchmark runs end to end at a tiny size (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("mlx_lm")
+
+
+def _load(out, name):
+    data = json.loads((out / f"{name}.json").read_text())
+    assert (out / f"{name}.md").read_text().startswith(f"# {name}")
+    assert data["machine"]["cpu_count"] >= 1
+    assert "blas" in data["machine"]
+    return data
+
+
+def test_trace_is_seeded():
+    from tools.bench import trace as T
+
+    spec = T.TraceSpec(sessions=2, turns=3, system=(50, 60), tool=(5, 9), generated=(2, 4), seed=3)
+    a, b = T.generate(spec), T.generate(spec)
+    assert [t.prompt for t in a] == [t.prompt for t in b]
+    assert len(a) == 6
+    last = {}
+    for t in a:  # each prompt extends the session's previous prompt + generated tokens
+        if t.session in last:
+            assert t.prompt[: len(last[t.session])] == last[t.session]
+        last[t.session] = t.prompt + t.generated
+
+
+def test_ttft_smoke(tmp_path, tiny_llama_path):
+    from tools.bench import ttft
+
+    ttft.main(["--out", str(tmp_path), "--preset", "tiny-llama", "--model-dir", str(tiny_llama_path.parent),
+               "--sizes", "300", "--reps", "1", "--no-system-drop"])
+    data = _load(tmp_path, "ttft")
+    r = data["results"][0]
+    assert r["memory"]["sources"] == ["memory"]
+    assert r["disk_warm"]["sources"] == ["disk"]
+    assert r["restart"]["sources"] == ["disk"]
+    assert r["memory"]["cached"] == 299
+
+
+def test_replay_smoke(tmp_path, tiny_llama_path):
+    from tools.bench import replay
+
+    replay.main(["--out", str(tmp_path), "--quick", "--preset", "tiny-llama",
+                 "--model-dir", str(tiny_llama_path.parent), "--sessions", "2", "--turns", "3"])
+    data = _load(tmp_path, "replay")
+    v = data["variants"]
+    assert set(v) == {"none", "lru", "tiercache", "tiercache_restart"}
+    assert v["none"]["prefill_tokens"] == data["trace"]["prompt_tokens_total"]
+    assert v["tiercache"]["prefill_tokens"] <= v["none"]["prefill_tokens"]
+    assert "after_restart" in v["tiercache_restart"]
+
+
+def test_overheads_smoke(tmp_path):
+    from tools.bench import overheads
+
+    overheads.main(["--out", str(tmp_path), "--quick", "--reps", "2", "--mem-sizes", "64", "--mem-reps", "1",
+                    "--writer-tokens", "64", "--writer-count", "1"])
+    data = _load(tmp_path, "overheads")
+    assert data["index"][0]["records"] >= 1000
+    assert data["writer"]["dropped_writes"] == 0
