@@ -350,3 +350,14 @@ def test_short_fuzz_no_5xx(tiny_llama_path, tmp_path):
         assert srv.stop() == 0, srv.log()
     assert summary["ok"], summary
     assert summary["server_errors_5xx"] == 0 and summary["cases_run"] > 0
+
+
+@pytest.mark.slow
+def test_out_of_range_seed_is_a_client_error(keyed):
+    """Bug F1 (found by tools/fuzz_test.py): ``seed`` < 0 or >= 2**64 reaches
+    ``mx.random.seed`` and comes back as a 500 ``generation_failed``."""
+    with httpx.Client(timeout=60, headers=AUTH) as h:
+        for seed in (-1, 2**64):
+            r = h.post(keyed.base_url + "/v1/completions",
+                       json={"prompt": "hello", "max_tokens": 2, "seed": seed})
+            assert r.status_code in (200, 400, 422), (seed, r.text)
