@@ -86,7 +86,8 @@ class TieredPromptCache:
         max_bytes: memory budget in bytes (arrays' real ``nbytes``).
         disk_dir: store folder; ``None`` makes a memory-only cache.
         disk_bytes: disk budget; ``None`` is unlimited.
-        block_size: tokens per disk block (must match an existing store).
+        block_size: tokens per disk block. ``None`` uses the store's own size (256
+            for a new store); any other value must match an existing store.
         write_policy: ``"through"`` (persist every insert, asynchronously) or
             ``"back"`` (persist what memory evicts).
         prewarm_bytes: after start, read up to this many bytes of the most recently
@@ -107,7 +108,7 @@ class TieredPromptCache:
         *,
         disk_dir=None,
         disk_bytes: int | None = None,
-        block_size: int = 256,
+        block_size: int | None = None,
         write_policy: str = "through",
         prewarm_bytes: int = 0,
         min_promote_tokens: int | None = None,
@@ -182,7 +183,12 @@ class TieredPromptCache:
         files = self._files(key)
         if files is None:
             return []
-        return self.disk.namespaces_for_files(files[0])
+        found = self.disk.namespaces_for_files(files[0])
+        # Several layouts stored for these files (say a quantized KV cache from an
+        # earlier run): without the model we can't tell which one it builds now,
+        # and restoring the wrong layout would be a wrong hit. Wait for an insert
+        # or register_model to say which.
+        return found if len(found) == 1 else []
 
     def _namespace_for_insert(self, key: Hashable, prompt_cache: list) -> Namespace | None:
         if self.disk is None:
@@ -418,6 +424,12 @@ class TieredPromptCache:
         if self.writer is not None:
             ok = self.writer.close(flush_timeout)
         if self.disk is not None:
+            if self.writer is not None and self.writer.is_alive():
+                # The writer is stuck inside a save (a hung disk): closing LMDB
+                # under it would fail that save midway. Leave it to process exit;
+                # whatever it hasn't committed is at worst an orphan file.
+                log.warning("disk writer still busy after %.1fs; not closing the index", flush_timeout)
+                return False
             self.disk.close()
         return ok
 

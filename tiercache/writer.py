@@ -155,4 +155,8 @@ class BackgroundWriter:
                 self._drop_oldest()
             self._cond.notify_all()
         self._thread.join(timeout=max(1.0, timeout or 1.0))
-        return done
+        return done and not self._thread.is_alive()
+
+    def is_alive(self) -> bool:
+        """True while the writer thread runs (after close: still inside a save)."""
+        return self._thread.is_alive()
