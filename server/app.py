@@ -27,6 +27,41 @@ logger = logging.getLogger("tiercache.server")
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
+_KNOWN_PATHS = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/models": "models",
+    "/v1/cache/stats": "cache_stats",
+    "/v1/cache/reset": "cache_reset",
+    "/health": "health",
+    "/metrics": "metrics",
+}
+
+
+class CountRequests:
+    """ASGI middleware counting responses by endpoint and status code."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        endpoint = _KNOWN_PATHS.get(path)
+        if endpoint is None:
+            endpoint = "models" if path.startswith("/v1/models/") else "other"
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(endpoint=endpoint,
+                                             status=str(message["status"])).inc()
+            await send(message)
+
+        return await self.app(scope, receive, counting_send)
+
+
 class BodyLimit:
     """ASGI middleware refusing request bodies over ``limit`` bytes (413)."""
 
@@ -97,6 +132,7 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
     app = FastAPI(title="tiercache", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine, app.state.worker, app.state.metrics = engine, worker, metrics
     app.add_middleware(BodyLimit)
+    app.add_middleware(CountRequests, metrics=metrics)
     install_handlers(app)
 
     async def require_key(request: Request) -> None:
@@ -114,10 +150,7 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
             raise APIError(503, worker._why_not(), None, "not_ready")
 
     # ----------------------------------------------------------- helpers
-    def _count(endpoint: str, status: int) -> None:
-        metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
-
-    async def _start_job(body, tokens_fn, endpoint: str) -> tuple[Job, dict]:
+    async def _start_job(body, tokens_fn) -> tuple[Job, dict]:
         require_ready()
         if not engine.matches_model(body.model):
             raise APIError(404, f"the model {body.model!r} does not exist; this server "
@@ -176,18 +209,12 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
         return "stop" if reason == "cancelled" else reason
 
     async def _serve(request: Request, body, tokens_fn, chat: bool):
-        endpoint = "chat" if chat else "completions"
-        try:
-            job, usage = await _start_job(body, tokens_fn, endpoint)
-        except APIError as exc:
-            _count(endpoint, exc.status)
-            raise
+        job, usage = await _start_job(body, tokens_fn)
         created = int(time.time())
         rid = ("chatcmpl-" if chat else "cmpl-") + job.id
         base = {"id": rid, "created": created, "model": engine.model_id,
                 "system_fingerprint": "tiercache"}
         if body.stream:
-            _count(endpoint, 200)
             gen = _stream(job, base, chat, body.include_usage(), request)
             return StreamingResponse(gen, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -201,7 +228,6 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
                     finish, usage = ev[1], ev[2]
                     break
                 elif ev[0] == "error":
-                    _count(endpoint, 500)
                     return error_response(500, f"generation failed: {ev[1]}", None,
                                           "generation_failed")
         except BaseException:
@@ -214,7 +240,6 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
         else:
             choice = {"index": 0, "text": text, "finish_reason": _finish(finish),
                       "logprobs": None}
-        _count(endpoint, 200)
         return {**base, "object": "chat.completion" if chat else "text_completion",
                 "choices": [choice], "usage": usage}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from typing import List, Optional, Sequence
@@ -29,8 +30,6 @@ def _size_or_none(text: str) -> Optional[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """Parser for the flags this wrapper adds (defaults shown, env vars read)."""
-    import os
-
     def env(name: str, default):
         return os.environ.get(ENV_PREFIX + name, default)
 
@@ -115,11 +114,15 @@ def _sigterm(signum, frame):
     raise KeyboardInterrupt()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, hard_exit: bool = True) -> int:
     """Run mlx_lm.server with the tiered cache.
 
     Args:
         argv: Command-line arguments (default ``sys.argv[1:]``).
+        hard_exit: After a clean stop (cache flushed and closed), end the
+            process with ``os._exit`` so native threads left by MLX cannot
+            abort interpreter teardown ("terminate called without an active
+            exception").
 
     Returns:
         Exit status (0 after SIGINT/SIGTERM once the cache is flushed).
@@ -156,6 +159,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 cache.close(flush_timeout=opts.flush_timeout)
             except Exception:
                 logger.exception("tiercache: cache close failed")
+    if hard_exit:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
