@@ -168,6 +168,8 @@ def write_tensor_file(
         ``(file size in bytes, xxh3_64 of the file bytes)``.
     """
     make_private_dirs(path.parent)
+    if path.parent.is_symlink() or path.parent.parent.is_symlink():
+        raise OSError(f"{path.parent} is a symlink; refusing to write through it")
     tmp = path.with_name(f"{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
     h = xxhash.xxh3_64()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), FILE_MODE)
@@ -337,7 +339,7 @@ def read_whole_file(path: Path, expected_size: int | None, expected_checksum: in
 
 def list_files(folder: Path) -> Iterable[Path]:
     """Every regular file under ``folder`` (two levels), never following symlinks."""
-    if not folder.is_dir():
+    if folder.is_symlink() or not folder.is_dir():
         return
     for sub in sorted(folder.iterdir()):
         if sub.is_symlink():
