@@ -209,3 +209,19 @@ def test_failed_file_write(stored, monkeypatch):
     assert store.check(temp_grace=0) == []
     store.save(ns, T2, cache)
     assert store.fetch(ns, T2 + [3], limit=13)[1] == 13
+
+
+def test_first_token_index_damage(stored):
+    """The first-token index is derived data: damage there costs hits, never data."""
+    model, store, ns, T, recs = stored
+    with store.index.read() as txn:
+        tail_id = store.index.child_ids_starting(txn, recs[-1].id, bytes(4 * [0]))  # none
+        assert tail_id == []
+        tail = [store.index.get(txn, c) for c in store.index.child_ids(txn, recs[-1].id)][0]
+    key = store.index.firsttok_key(tail)
+    store.index.write(lambda txn: txn.delete(key, tail.id, db=store.index.firsttok))
+    assert store.longest_prefix(ns, T + [3], limit=N).n_tokens == 7 * B
+    assert [p.kind for p in store.check()] == ["prefix_link"]
+    store.check(fix=True)
+    assert store.check() == []
+    assert store.longest_prefix(ns, T + [3], limit=N).n_tokens == N

@@ -69,6 +69,8 @@ def test_prefix_reuse(tiny_llama, tiny_llama_path, tmp_path):
         prompt = T[:k] + [max(nxt, 3), 4, 5, 6]
         plan = store.longest_prefix(ns, prompt, limit=len(prompt) - 1)
         assert plan.n_tokens == k, k
+        arr_plan = store.longest_prefix(ns, np.array(prompt, dtype=np.int32), limit=len(prompt) - 1)
+        assert [r.id for r in arr_plan.records] == [r.id for r in plan.records]
         # The prompt itself stored: the last token is always left to prefill.
         assert store.longest_prefix(ns, T[:k], limit=max(0, k - 1)).n_tokens == max(0, k - 1)
         if k in gen_ks:

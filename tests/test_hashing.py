@@ -96,7 +96,10 @@ def test_pack_tokens():
     assert raw == struct.pack("<5I", *toks)
     assert unpack_tokens(raw) == toks
     assert pack_tokens(np.array([1, 2], dtype=np.int32)) == struct.pack("<2I", 1, 2)
-    for bad in ([-1], [1 << 32]):
+    assert pack_tokens([np.int64(3), np.uint32(4), 5]) == struct.pack("<3I", 3, 4, 5)
+    assert pack_tokens(range(3)) == struct.pack("<3I", 0, 1, 2)
+    assert pack_tokens([]) == b""
+    for bad in ([-1], [1 << 32], [5, -2], np.array([-1]), [np.int64(-3)]):
         with pytest.raises(ValueError):
             pack_tokens(bad)
 

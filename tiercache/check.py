@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .blockfile import TEMP_MARK, BlockFileError, HashingReader, list_files
-from .index import KIND_BLOCK, KIND_NAMES, Record
+from .index import KIND_BLOCK, KIND_NAMES, Index, Record
 
 
 @dataclass
@@ -25,7 +25,8 @@ class Problem:
     Attributes:
         kind: ``temp_file``, ``orphan_file``, ``symlink``, ``missing_file``,
             ``size_mismatch``, ``checksum_mismatch``, ``bad_record``,
-            ``dangling_parent``, ``dangling_child``, ``missing_link`` or ``byte_drift``.
+            ``dangling_parent``, ``dangling_child``, ``missing_link``, ``prefix_link``
+            (first-token index entry stale or missing) or ``byte_drift``.
         target: the file path or record id (hex) concerned.
         detail: a human-readable explanation.
     """
@@ -86,6 +87,10 @@ def check_store(store, fix: bool = False, temp_grace: float = 60.0) -> list[Prob
         cur = txn.cursor(db=ix.children)
         for parent, child in cur.iternext(keys=True, values=True):
             links.append((bytes(parent), bytes(child)))
+        first_links = set()
+        cur = txn.cursor(db=ix.firsttok)
+        for key, child in cur.iternext(keys=True, values=True):
+            first_links.add((bytes(key), bytes(child)))
         total = ix.total_bytes(txn)
 
     # Files on disk.
@@ -144,6 +149,14 @@ def check_store(store, fix: bool = False, temp_grace: float = 60.0) -> list[Prob
     for parent, rid in missing_links:
         problems.append(Problem("missing_link", rid.hex(), "record is not linked from its parent"))
 
+    want_first = {
+        (Index.firsttok_key(rec), rid) for rid, rec in recs.items() if rec.tokens
+    }
+    for key, child in sorted(first_links - want_first):
+        problems.append(Problem("prefix_link", child.hex(), "first-token link to nothing"))
+    for key, child in sorted(want_first - first_links):
+        problems.append(Problem("prefix_link", child.hex(), "record missing its first-token link"))
+
     expected = sum(r.nbytes for r in recs.values())
     if expected != total:
         problems.append(Problem("byte_drift", "total_bytes", f"counter {total} != records {expected}"))
@@ -169,6 +182,11 @@ def _repair(store, recs, remove, bad_keys, bad_links, missing_links, junk) -> No
             if rid not in remove:
                 txn.put(parent, rid, db=ix.children, dupdata=True)
         kept = sum(r.nbytes for rid, r in recs.items() if rid not in remove)
+        # The first-token index is derived: rebuild it from the records kept.
+        txn.drop(ix.firsttok, delete=False)
+        for rid, rec in recs.items():
+            if rid not in remove and rec.tokens:
+                txn.put(Index.firsttok_key(rec), rid, db=ix.firsttok, dupdata=True)
         ix.set_total(txn, kept)
 
     ix.write(fn)

@@ -49,6 +49,7 @@ from .hashing import (
     checkpoint_id,
     namespace_id,
     pack_tokens,
+    packed_block_hashes,
 )
 from .index import KIND_BLOCK, KIND_CHECKPOINT, KIND_TAIL, Index, IndexError_, Record
 
@@ -163,7 +164,13 @@ class DiskStore:
             ):
                 raise StoreError(f"{self.path} is not empty and is not a tiercache store")
             self.path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            # A new store is private even if someone created the folder for us.
+            os.chmod(self.path, DIR_MODE)
             index_path.mkdir(mode=DIR_MODE, exist_ok=True)
+        for name in (INDEX_DIR, BLOCKS_DIR, CHECKPOINTS_DIR):
+            if (self.path / name).is_symlink():
+                # Following it would let writes and repairs land outside the store.
+                raise StoreError(f"{self.path / name} is a symlink; refusing to use the store")
         try:
             self.index = Index(index_path, readonly=readonly)
         except IndexError_ as e:
@@ -297,7 +304,7 @@ class DiskStore:
             raise ValueError("unknown namespace: register it first")
         if L.describe_cache(cache) != desc:
             raise ValueError("cache layout does not match the namespace")
-        tokens = list(tokens)
+        tokens = tokens.tolist() if isinstance(tokens, (np.ndarray, mx.array)) else list(tokens)
         n = len(tokens)
         split = [i for i, d in enumerate(desc) if L.is_splittable(d)]
         ckpt = [i for i, d in enumerate(desc) if not L.is_splittable(d)]
@@ -309,8 +316,8 @@ class DiskStore:
             return SaveResult()
         B = self.block_size
         root = chain_root(ns, salt)
-        hashes = block_hashes(root, tokens, B)
         packed = pack_tokens(tokens)
+        hashes = packed_block_hashes(root, packed, B)
         result = SaveResult()
         with self._save_lock:
             with self.index.read() as txn:
@@ -430,14 +437,14 @@ class DiskStore:
         """
         desc = self.layer_desc(ns)
         plan = RestorePlan(ns, layer_desc=desc or [])
-        tokens = list(tokens)
+        tokens = tokens.tolist() if isinstance(tokens, (np.ndarray, mx.array)) else list(tokens)
         limit = len(tokens) if limit is None else max(0, min(limit, len(tokens)))
         if desc is None or limit == 0:
             return plan
         B = self.block_size
         root = chain_root(ns, salt)
-        hashes = block_hashes(root, tokens[:limit], B)
         packed = pack_tokens(tokens[:limit])
+        hashes = packed_block_hashes(root, packed, B)
         trimmable = L.all_splittable(desc)
         ix = self.index
         with ix.read() as txn:
@@ -460,8 +467,9 @@ class DiskStore:
                 rest = packed[base * 4 :]
                 best, best_c = None, 0
                 if rest:
-                    for cid in ix.child_ids(txn, parent):
-                        rec = ix.get(txn, cid)
+                    # A child that differs at its first token adds nothing.
+                    for cid in ix.child_ids_starting(txn, parent, rest[:4]):
+                        rec = ix.get(txn, cid, rest[:4])
                         if rec is None or rec.kind == KIND_CHECKPOINT or rec.parent != parent:
                             continue
                         c = _common_prefix(rec.tokens, rest)
@@ -474,7 +482,12 @@ class DiskStore:
                 p_hash = chain[j - 1].id if j else root
                 base = j * B
                 best = None
-                for cid in ix.child_ids(txn, p_hash):
+                # Candidates: the checkpoint exactly at the block boundary, and the
+                # ones whose tail starts with the prompt's next token.
+                cands = [checkpoint_id(p_hash, [])]
+                if base < limit:
+                    cands += ix.child_ids_starting(txn, p_hash, packed[base * 4 : base * 4 + 4])
+                for cid in cands:
                     rec = ix.get(txn, cid)
                     if (
                         rec is None

@@ -7,9 +7,11 @@ hashes in every process, on every machine and after every restart.
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import struct
+import sys
 from pathlib import Path
 from typing import Iterable, NewType, Sequence
 
@@ -60,10 +62,23 @@ def pack_tokens(tokens: Sequence[int]) -> bytes:
     Raises:
         ValueError: if a token id is negative or does not fit in 32 bits.
     """
+    if not isinstance(tokens, np.ndarray) and _NATIVE_U32:
+        # array('I') converts a list ~3x faster than numpy and range-checks for us.
+        try:
+            a = array.array("I", tokens)
+        except (OverflowError, TypeError):
+            pass  # out of range or not plain ints: numpy path below decides
+        else:
+            if sys.byteorder != "little":
+                a.byteswap()
+            return a.tobytes()
     arr = np.asarray(tokens, dtype=np.int64)
     if arr.size and (arr.min() < 0 or arr.max() >= 1 << 32):
         raise ValueError("token ids must be in [0, 2**32)")
     return arr.astype("<u4").tobytes()
+
+
+_NATIVE_U32 = array.array("I").itemsize == 4
 
 
 def unpack_tokens(data: bytes) -> list[int]:
@@ -110,12 +125,19 @@ def block_hashes(root: BlockHash, tokens: Sequence[int], block_size: int) -> lis
     Returns:
         ``len(tokens) // block_size`` hashes; hash ``i`` covers ``tokens[: (i+1)*B]``.
     """
-    packed = pack_tokens(tokens)
+    return packed_block_hashes(root, pack_tokens(tokens), block_size)
+
+
+def packed_block_hashes(root: BlockHash, packed: bytes, block_size: int) -> list[BlockHash]:
+    """:func:`block_hashes` of tokens already packed by :func:`pack_tokens`."""
     width = 4 * block_size
+    mv = memoryview(packed)
     out: list[BlockHash] = []
     h = root
-    for i in range(len(tokens) // block_size):
-        h = next_hash(h, packed[i * width : (i + 1) * width])
+    for i in range(len(packed) // width):
+        x = xxhash.xxh3_128(h)
+        x.update(mv[i * width : (i + 1) * width])
+        h = BlockHash(x.digest())
         out.append(h)
     return out
 

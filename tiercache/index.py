@@ -6,6 +6,11 @@ Sub-databases:
   keyed by their chain hash; tails and checkpoints by :func:`hashing.checkpoint_id`.
 * ``children`` (dupsort): parent id -> child id, to extend a match into a partial
   block by comparing tokens and to know which blocks are leaves.
+* ``firsttok`` (dupsort): parent id ‖ first token (4 bytes) -> child id, for every
+  record with tokens. A partial-block match only needs the children that start with
+  the prompt's next token, so a parent with thousands of children (the chain root)
+  costs one cursor seek, not thousands of record reads. Derived from ``records``;
+  :func:`tiercache.check.check_store` verifies and rebuilds it.
 * ``namespaces``: namespace -> JSON description of the model and cache layout.
 * ``modelfiles`` (dupsort): model-files fingerprint -> namespace, so a restarted
   process finds a model's namespaces before it has seen a cache.
@@ -141,6 +146,7 @@ class Index:
         try:
             self.records = self.env.open_db(b"records", create=not readonly)
             self.children = self.env.open_db(b"children", dupsort=True, create=not readonly)
+            self.firsttok = self.env.open_db(b"firsttok", dupsort=True, create=not readonly)
             self.namespaces = self.env.open_db(b"namespaces", create=not readonly)
             self.modelfiles = self.env.open_db(b"modelfiles", dupsort=True, create=not readonly)
             self.meta = self.env.open_db(b"meta", create=not readonly)
@@ -183,9 +189,16 @@ class Index:
 
     # --- records ------------------------------------------------------------------
 
-    def get(self, txn: lmdb.Transaction, rid: bytes) -> Record | None:
+    def get(self, txn: lmdb.Transaction, rid: bytes, starts_with: bytes | None = None) -> Record | None:
+        """The record ``rid``, or None (missing or damaged).
+
+        ``starts_with``: packed tokens the record's tokens must begin with; others
+        are skipped without being decoded (fast scans of a parent's children).
+        """
         raw = txn.get(rid, db=self.records)
         if raw is None:
+            return None
+        if starts_with is not None and not raw.startswith(starts_with, _HEAD.size):
             return None
         try:
             return Record.decode(rid, raw)
@@ -197,6 +210,18 @@ class Index:
         if not cur.set_key(parent):
             return []
         return list(cur.iternext_dup())
+
+    def child_ids_starting(self, txn: lmdb.Transaction, parent: bytes, first: bytes) -> list[bytes]:
+        """Children of ``parent`` whose tokens start with the packed token ``first``."""
+        cur = txn.cursor(db=self.firsttok)
+        if not cur.set_key(parent + first[:4]):
+            return []
+        return list(cur.iternext_dup())
+
+    @staticmethod
+    def firsttok_key(rec: Record) -> bytes | None:
+        """Key of a record in ``firsttok`` (None for a record without tokens)."""
+        return rec.parent + rec.tokens[:4] if rec.tokens else None
 
     def has_children(self, txn: lmdb.Transaction, parent: bytes) -> bool:
         return txn.cursor(db=self.children).set_key(parent)
@@ -222,6 +247,9 @@ class Index:
         if not txn.put(rec.id, rec.encode(), db=self.records, overwrite=False):
             return False
         txn.put(rec.parent, rec.id, db=self.children, dupdata=True)
+        key = self.firsttok_key(rec)
+        if key is not None:
+            txn.put(key, rec.id, db=self.firsttok, dupdata=True)
         self.add_total(txn, rec.nbytes)
         return True
 
@@ -236,6 +264,9 @@ class Index:
         except (ValueError, struct.error):
             return None
         txn.delete(rec.parent, rid, db=self.children)
+        key = self.firsttok_key(rec)
+        if key is not None:
+            txn.delete(key, rid, db=self.firsttok)
         self.add_total(txn, -rec.nbytes)
         return rec
 
