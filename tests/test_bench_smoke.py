@@ -65,3 +65,13 @@ def test_overheads_smoke(tmp_path):
     data = _load(tmp_path, "overheads")
     assert data["index"][0]["records"] >= 1000
     assert data["writer"]["dropped_writes"] == 0
+
+
+def test_http_peer_smoke(tmp_path, tiny_llama_path):
+    from tools.bench import http_peer
+
+    http_peer.main(["--out", str(tmp_path), "--quick", "--preset", "tiny-llama",
+                    "--model-dir", str(tiny_llama_path.parent), "--sessions", "1", "--turns", "2"])
+    data = _load(tmp_path, "http_peer")
+    assert set(data["servers"]) == {"mlx_lm.server", "tiercache-server"}
+    assert all(len(v["rows"]) == 2 for v in data["servers"].values())
