@@ -356,10 +356,12 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
     async def cache_stats():
         require_ready()
         stats = await run_in_threadpool(engine.cache_stats)
+        namespaces = await run_in_threadpool(engine.namespaces)
         return {"object": "cache.stats", "model": engine.model_id,
-                "namespace": engine.model_key, "disk_dir": cfg.disk_dir,
-                "block_size": cfg.block_size, "write_policy": cfg.write_policy,
-                "tiers": stats}
+                "model_key": engine.model_key, "namespace": engine.namespace,
+                "disk_dir": cfg.disk_dir, "block_size": cfg.block_size,
+                "write_policy": cfg.write_policy, "tiers": stats,
+                "namespaces": namespaces}
 
     @app.post("/v1/cache/reset", dependencies=[Depends(require_key)])
     async def cache_reset(request: Request):

@@ -128,6 +128,7 @@ class Engine:
         self.context_length: Optional[int] = None
         self.vocab_size: Optional[int] = None
         self.trimmable = True
+        self.namespace: Optional[str] = None
         self.created = int(time.time())
 
     # ------------------------------------------------------------------ load
@@ -163,7 +164,8 @@ class Engine:
             write_policy=cfg.write_policy,
             prewarm_bytes=cfg.prewarm_bytes,
         )
-        self.cache.register_model(self.model_key, path, model)
+        ns = self.cache.register_model(self.model_key, path, model)
+        self.namespace = bytes(ns).hex() if ns is not None else None
         from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
 
         self.trimmable = bool(can_trim_prompt_cache(make_prompt_cache(model)))
@@ -470,3 +472,23 @@ class Engine:
     def cache_stats(self) -> Optional[dict]:
         """Return ``cache.stats()`` or ``None`` before the cache exists."""
         return self.cache.stats() if self.cache is not None else None
+
+    def namespaces(self) -> List[dict]:
+        """Disk namespaces (model + cache layout) known to the store."""
+        disk = getattr(self.cache, "disk", None)
+        if disk is None:
+            return []
+        out = []
+        try:
+            for ns, desc in disk.namespaces().items():
+                ns_hex = bytes(ns).hex()
+                out.append({
+                    "id": ns_hex,
+                    "current": ns_hex == self.namespace,
+                    "model": desc.get("model"),
+                    "block_size": desc.get("block_size"),
+                    "created": desc.get("created"),
+                })
+        except Exception as exc:  # stats are best effort
+            logger.debug("namespaces unavailable: %s", exc)
+        return out
