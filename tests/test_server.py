@@ -66,8 +66,11 @@ def test_health_models_and_metrics(server):
     text = httpx.get(server.base_url + "/metrics").text
     for name in ("tiercache_prefix_cache_query_tokens_total",
                  "tiercache_prefix_cache_hit_tokens_total", "tiercache_ttft_seconds",
-                 "tiercache_restore_seconds", "tiercache_requests_total"):
-        assert name in text
+                 "tiercache_restore_seconds", "tiercache_requests_total",
+                 'tiercache_cache_bytes{tier="disk"}', 'tiercache_cache_bytes{tier="memory"}',
+                 "tiercache_cache_writer_queue_bytes", "tiercache_cache_dropped_writes_total",
+                 "tiercache_cache_evictions_total", "tiercache_cache_promotions_total"):
+        assert name in text, name
 
 
 def test_chat_nonstreaming_and_streaming(server, client):
@@ -142,6 +145,21 @@ def test_completions_text_and_token_ids(server, client):
     stream = client.completions.create(model=model, prompt=ids, max_tokens=8, temperature=0,
                                        stream=True)
     assert "".join(c.choices[0].text for c in stream if c.choices) == a.choices[0].text
+
+
+def test_stop_strings(server, client):
+    model = _model_id(server)
+    messages = [{"role": "user", "content": "Tell me a story about the sea"}]
+    full = _chat(client, messages, max_tokens=24).choices[0].message.content
+    windows = [full[i:i + 2] for i in range(len(full) - 1)
+               if "\ufffd" not in full[i:i + 2] and full[i:i + 2].strip()]
+    if not windows:
+        pytest.skip("the tiny model produced no usable stop window")
+    stop = windows[len(windows) // 2]
+    cut = client.chat.completions.create(model=model, messages=messages, max_tokens=24,
+                                         temperature=0, stop=[stop])
+    assert cut.choices[0].message.content == full[: full.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
 
 
 def test_cache_salt_isolates(server):
