@@ -307,11 +307,16 @@ class Engine:
 
         tokens = list(p.tokens)
         t_start = time.perf_counter()
-        prompt_cache, rest = self.cache.fetch_nearest_cache(self.model_key, tokens, salt=p.salt)
+        try:
+            prompt_cache, rest = self.cache.fetch_nearest_cache(
+                self.model_key, tokens, salt=p.salt)
+            info = getattr(self.cache, "last_fetch", None)
+        except Exception:  # a broken cache must not fail the request: run cold
+            logger.exception("prefix lookup failed; computing the prompt from scratch")
+            prompt_cache, rest, info = None, tokens, None
         restore_s = time.perf_counter() - t_start
         rest = list(rest)
         cached = len(tokens) - len(rest) if prompt_cache is not None else 0
-        info = getattr(self.cache, "last_fetch", None)
         disk = int(getattr(info, "disk_tokens", 0) or 0) if info is not None else 0
         disk = min(disk, cached)
         memory = cached - disk
