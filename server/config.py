@@ -288,6 +288,7 @@ def validate_config(cfg: ServerConfig) -> None:
             raise ConfigError(f"--disk-dir: cannot create {cfg.disk_dir!r}: {exc.strerror}")
         if not os.access(path, os.W_OK):
             raise ConfigError(f"--disk-dir: {cfg.disk_dir!r} is not writable")
+        cfg.disk_dir = str(path)
     elif cfg.disk_bytes is not None:
         logging.getLogger(__name__).warning("--disk-bytes has no effect without --disk-dir")
     if cfg.prompt_cache_bytes == 0:

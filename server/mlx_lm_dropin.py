@@ -138,6 +138,8 @@ def main(argv: Optional[Sequence[str]] = None, hard_exit: bool = True) -> int:
         return int(exc.code or 2)
     if opts.block_size <= 0:
         ours.exit(2, f"{ours.prog}: error: --block-size must be positive\n")
+    if opts.disk_dir:
+        opts.disk_dir = os.path.expanduser(opts.disk_dir)
     opts.prompt_cache_bytes = _peek_prompt_cache_bytes(rest)
     _state["opts"] = opts
 
