@@ -150,7 +150,7 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
             raise APIError(503, worker._why_not(), None, "not_ready")
 
     # ----------------------------------------------------------- helpers
-    async def _start_job(body, tokens_fn) -> tuple[Job, dict]:
+    async def _start_job(body, tokens_fn, request: Request) -> tuple[Job, dict]:
         require_ready()
         if not engine.matches_model(body.model):
             raise APIError(404, f"the model {body.model!r} does not exist; this server "
@@ -184,7 +184,7 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
             raise APIError(503, str(exc), None, "not_ready") from None
         metrics.queue_depth.set(worker.queue_depth)
         try:
-            first = await job.events.get()
+            first = await _next(job, request)
         except BaseException:
             job.cancel()
             raise
@@ -209,7 +209,7 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
         return "stop" if reason == "cancelled" else reason
 
     async def _serve(request: Request, body, tokens_fn, chat: bool):
-        job, usage = await _start_job(body, tokens_fn)
+        job, usage = await _start_job(body, tokens_fn, request)
         created = int(time.time())
         rid = ("chatcmpl-" if chat else "cmpl-") + job.id
         base = {"id": rid, "created": created, "model": engine.model_id,
