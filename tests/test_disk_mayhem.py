@@ -225,3 +225,57 @@ def test_first_token_index_damage(stored):
     store.check(fix=True)
     assert store.check() == []
     assert store.longest_prefix(ns, T + [3], limit=N).n_tokens == N
+
+
+def test_poisoned_record_is_a_miss(stored):
+    """A record whose stored tokens are not the prompt's (collision or tampering)
+    ends the match: it is never served, and a save never extends it."""
+    model, store, ns, T, recs = stored
+    bad = recs[BAD]
+    forged = list(T[BAD * B : (BAD + 1) * B])
+    forged[0] = forged[0] + 1
+    from tiercache.hashing import pack_tokens
+
+    bad.tokens = pack_tokens(forged)
+    store.index.write(lambda txn: txn.put(bad.id, bad.encode(), db=store.index.records))
+    prompt = T + [3]
+    assert store.longest_prefix(ns, prompt, limit=N).n_tokens == BAD * B
+    cache, n = store.fetch(ns, prompt, limit=N)
+    assert n == BAD * B
+    assert greedy_continue(model, cache, prompt[n:], 6) == cold_greedy(model, prompt, 6)
+    c = make_prompt_cache(model)
+    prefill(model, T, c)
+    res = store.save(ns, T, c)  # the poisoned hash blocks the rest of the chain
+    assert res.records_written == 0
+    assert store.longest_prefix(ns, prompt, limit=N).n_tokens == BAD * B
+    problems = store.check()
+    assert ("hash_mismatch", bad.id.hex()) in [(p.kind, p.target) for p in problems]
+    store.check(fix=True)
+    assert store.check() == []
+    assert store.save(ns, T, c).records_written == 7 - BAD + 1
+    assert store.fetch(ns, prompt, limit=N)[1] == N
+
+
+def test_hybrid_bad_checkpoint_falls_back(tiny_hybrid, tiny_hybrid_path, tmp_path):
+    model, _ = tiny_hybrid
+    T = random_tokens(30, seed=24)
+    store = DiskStore(tmp_path / "s", block_size=B)
+    ns = model_namespace(store, tiny_hybrid_path, model)
+    cache = make_prompt_cache(model)
+    prefill(model, T[:10], cache)
+    store.save(ns, T[:10], cache)
+    prefill(model, T[10:21], cache)
+    store.save(ns, T[:21], cache)
+    plan = store.longest_prefix(ns, T, limit=29)
+    assert plan.n_tokens == 21
+    with open(store.file_path(plan.last), "r+b") as f:
+        f.seek(plan.last.nbytes - 1)
+        f.write(b"\xff" if f.read(1) != b"\xff" else b"\x00")
+    restored, n = store.fetch(ns, T, limit=29)
+    assert n == 10
+    cold = make_prompt_cache(model)
+    prefill(model, T[:10], cold)
+    assert greedy_continue(model, restored, T[10:], 8) == greedy_continue(model, cold, T[10:], 8)
+    store.check(fix=True)
+    assert store.check() == []
+    store.close()

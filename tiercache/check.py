@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .blockfile import TEMP_MARK, BlockFileError, HashingReader, list_files
+from .hashing import checkpoint_id, next_hash, unpack_tokens
 from .index import KIND_BLOCK, KIND_NAMES, Index, Record
 
 
@@ -25,7 +26,8 @@ class Problem:
     Attributes:
         kind: ``temp_file``, ``orphan_file``, ``symlink``, ``missing_file``,
             ``size_mismatch``, ``checksum_mismatch``, ``bad_record``,
-            ``dangling_parent``, ``dangling_child``, ``missing_link``, ``prefix_link``
+            ``hash_mismatch`` (tokens do not hash to the record's id), ``dangling_parent``,
+            ``dangling_child``, ``missing_link``, ``prefix_link``
             (first-token index entry stale or missing) or ``byte_drift``.
         target: the file path or record id (hex) concerned.
         detail: a human-readable explanation.
@@ -55,6 +57,13 @@ def _verify_file(path: Path, rec: Record) -> tuple[str, str] | None:
         kind = "checksum_mismatch" if "checksum" in str(e) else "size_mismatch"
         return kind, str(e)
     return None
+
+
+def _record_id(rec: Record) -> bytes:
+    """The id a record must have: its chain hash (blocks) or checkpoint id."""
+    if rec.kind == KIND_BLOCK:
+        return next_hash(rec.parent, rec.tokens)
+    return checkpoint_id(rec.parent, unpack_tokens(rec.tokens))
 
 
 def check_store(store, fix: bool = False, temp_grace: float = 60.0) -> list[Problem]:
@@ -118,6 +127,10 @@ def check_store(store, fix: bool = False, temp_grace: float = 60.0) -> list[Prob
     for rid, rec in recs.items():
         path = store.file_path(rec)
         on_disk.pop(str(path), None)
+        if _record_id(rec) != rid:
+            problems.append(Problem("hash_mismatch", rid.hex(), "id is not the hash of the record's tokens"))
+            remove[rid] = "hash_mismatch"
+            continue
         issue = _verify_file(path, rec)
         if issue:
             problems.append(Problem(issue[0], rid.hex(), f"{KIND_NAMES[rec.kind]}: {issue[1]}"))
