@@ -346,7 +346,7 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
             "cache": {"disk_dir": cfg.disk_dir, **_summary(stats)},
         }
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[Depends(require_key)])
     async def prometheus():
         metrics.queue_depth.set(worker.queue_depth)
         data = await run_in_threadpool(metrics.render)

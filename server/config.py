@@ -133,6 +133,8 @@ class ServerConfig:
         log_level: Python logging level name.
         max_queue: Requests allowed to wait for the worker before 429s.
         flush_timeout: Seconds to wait for the disk writer at shutdown.
+        writer_queue_bytes: Bound on snapshots waiting for the disk writer;
+            beyond it the oldest pending writes are dropped (and counted).
     """
 
     model: Optional[str] = None
@@ -151,6 +153,7 @@ class ServerConfig:
     log_level: str = "INFO"
     max_queue: int = 64
     flush_timeout: float = 10.0
+    writer_queue_bytes: int = 2 << 30
 
 
 # (flag, parser, help). Defaults come from ServerConfig.
@@ -175,6 +178,8 @@ _FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--max-queue", _positive_int, "Requests that may wait for the worker before "
      "new ones get 429"),
     ("--flush-timeout", _positive_float, "Seconds to wait for the disk writer at shutdown"),
+    ("--writer-queue-bytes", parse_size, "Bound on snapshots waiting for the disk writer; "
+     "beyond it the oldest pending writes are dropped (counted in /metrics)"),
 ]
 
 
@@ -283,7 +288,7 @@ def validate_config(cfg: ServerConfig) -> None:
         if path.exists() and not path.is_dir():
             raise ConfigError(f"--disk-dir: {cfg.disk_dir!r} exists and is not a folder")
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             raise ConfigError(f"--disk-dir: cannot create {cfg.disk_dir!r}: {exc.strerror}")
         if not os.access(path, os.W_OK):
@@ -295,6 +300,8 @@ def validate_config(cfg: ServerConfig) -> None:
         raise ConfigError("--prompt-cache-bytes must be greater than 0")
     if cfg.disk_bytes == 0:
         raise ConfigError("--disk-bytes must be greater than 0")
+    if cfg.writer_queue_bytes == 0:
+        raise ConfigError("--writer-queue-bytes must be greater than 0")
     if cfg.api_key is not None and cfg.api_key.strip() == "":
         raise ConfigError("--api-key must not be empty")
 

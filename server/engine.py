@@ -163,6 +163,7 @@ class Engine:
             block_size=cfg.block_size,
             write_policy=cfg.write_policy,
             prewarm_bytes=cfg.prewarm_bytes,
+            writer_queue_bytes=cfg.writer_queue_bytes,
         )
         ns = self.cache.register_model(self.model_key, path, model)
         self.namespace = bytes(ns).hex() if ns is not None else None
@@ -354,17 +355,18 @@ class Engine:
         stop_hit = False
         t_first: Optional[float] = None
         prefill_done: Optional[float] = None
+        stream = stream_generate(
+            self.model,
+            self.tokenizer,
+            mx.array(rest),
+            max_tokens=p.max_tokens,
+            sampler=sampler,
+            prompt_cache=prompt_cache,
+            prefill_step_size=self.cfg.prefill_step_size,
+            prompt_progress_callback=progress,
+        )
         try:
-            for gen in stream_generate(
-                self.model,
-                self.tokenizer,
-                mx.array(rest),
-                max_tokens=p.max_tokens,
-                sampler=sampler,
-                prompt_cache=prompt_cache,
-                prefill_step_size=self.cfg.prefill_step_size,
-                prompt_progress_callback=progress,
-            ):
+            for gen in stream:
                 if t_first is None:
                     t_first = time.perf_counter()
                     prefill_done = t_first
@@ -383,17 +385,21 @@ class Engine:
                     break
         except Cancelled:
             finish = "cancelled"
+        finally:
+            stream.close()
         if not stop_hit and finish != "cancelled":
             tail = stopper.flush()
             if tail:
                 emit(("text", tail))
         t_end = time.perf_counter()
 
-        self._insert(tokens + generated, prompt_cache, p.salt, can_trim_prompt_cache, trim_prompt_cache)
-
         usage["completion_tokens"] = len(generated)
         usage["total_tokens"] = len(tokens) + len(generated)
         emit(("done", finish, usage))
+        # The worker serves the next request only after this insert, so a
+        # follow-up request always sees it.
+        self._insert(tokens + generated, prompt_cache, p.salt, can_trim_prompt_cache,
+                     trim_prompt_cache)
 
         prefill_s = (prefill_done or t_end) - t_start
         ttft = (t_first - p.arrived) if t_first is not None else None

@@ -24,6 +24,9 @@ _TIER_COUNTERS = {
     "demotions": "Entries demoted out of the tier",
     "evictions": "Entries evicted from the tier",
     "dropped_writes": "Disk writes dropped because the writer queue was full",
+    "corrupt_records": "Damaged disk records found (and skipped) on restore",
+    "writer_errors": "Disk writes that failed with an error",
+    "written": "Snapshots written to disk",
 }
 _TIER_GAUGES = {
     "entries": "Entries held by the tier",
@@ -59,6 +62,8 @@ class _CacheCollector:
                 tier_stats = dict(tier_stats)
                 tier_stats.setdefault("writer_queue_bytes", writer.get("queue_bytes"))
                 tier_stats.setdefault("dropped_writes", writer.get("dropped_writes"))
+                tier_stats.setdefault("writer_errors", writer.get("errors"))
+                tier_stats.setdefault("written", writer.get("written"))
             if not isinstance(tier_stats, dict):
                 continue
             for key, fam in counters.items():

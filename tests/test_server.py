@@ -301,6 +301,7 @@ def test_api_key_queue_limit_and_loading_health(tiny_llama_path, tmp_path):
                                                      max_tokens=2)
         _assert_envelope(httpx.post(srv.base_url + "/v1/cache/reset"), 401)
         _assert_envelope(httpx.get(srv.base_url + "/v1/models"), 401)
+        _assert_envelope(httpx.get(srv.base_url + "/metrics"), 401)
         _assert_envelope(httpx.get(srv.base_url + "/v1/models",
                                    headers={"Authorization": "Bearer nope"}), 401)
         resp = _chat(_client(srv, "sekret"), [{"role": "user", "content": "hi"}])
