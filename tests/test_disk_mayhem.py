@@ -279,3 +279,33 @@ def test_hybrid_bad_checkpoint_falls_back(tiny_hybrid, tiny_hybrid_path, tmp_pat
     store.check(fix=True)
     assert store.check() == []
     store.close()
+
+
+def test_undecodable_record_counted_and_dropped(stored):
+    model, store, ns, T, recs = stored
+    bad = recs[BAD]
+    store.index.write(lambda txn: txn.put(bad.id, b"junk", db=store.index.records))
+    assert "bad_record" in _kinds(store.check())
+    plan = store.longest_prefix(ns, T + [3], limit=N)
+    assert plan.n_tokens == BAD * B and plan.damaged == [bad.id]
+    cache, n = store.fetch(ns, T + [3], limit=N)
+    assert n == BAD * B and store.counters["corrupt_records"] == 1
+    with store.index.read() as txn:
+        assert txn.get(bad.id, db=store.index.records) is None
+    store.check(fix=True)
+    assert store.check() == []
+
+
+def test_readonly_store_never_raises_on_bad_files(stored):
+    model, store, ns, T, recs = stored
+    _damage("flip", store, recs[BAD])
+    store.close()  # one LMDB environment per process
+    ro = DiskStore(store.path, readonly=True)
+    cache, n = ro.fetch(ns, T + [3], limit=N)
+    assert n == BAD * B  # can't repair, but still the longest valid prefix
+    assert greedy_continue(model, cache, [3], 6) == cold_greedy(model, T[:n] + [3], 6)
+    assert ro.fetch(ns, T[:12] + [3], limit=12)[1] == 12  # undamaged prefixes still hit
+    ro.close()
+    rw = DiskStore(store.path)
+    assert rw.fetch(ns, T + [3], limit=N)[1] == BAD * B
+    rw.close()

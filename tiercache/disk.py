@@ -99,6 +99,8 @@ class RestorePlan:
     chain: list[Record] = field(default_factory=list)
     last: Record | None = None
     layer_desc: list = field(default_factory=list)
+    damaged: list[bytes] = field(default_factory=list)
+    """Ids of undecodable records met on the chain (the match stopped there)."""
 
     @property
     def records(self) -> list[Record]:
@@ -480,6 +482,8 @@ class DiskStore:
             parent = root
             for i, h in enumerate(hashes):
                 rec = ix.get(txn, h)
+                if rec is None and txn.get(h, db=ix.records) is not None:
+                    plan.damaged.append(h)  # present but undecodable
                 if (
                     rec is None
                     or rec.kind != KIND_BLOCK
@@ -634,6 +638,11 @@ class DiskStore:
         """
         for _ in range(8):
             plan = self.longest_prefix(ns, tokens, salt=salt, limit=limit)
+            if plan.damaged:
+                self.counters["corrupt_records"] += len(plan.damaged)
+                for rid in plan.damaged:
+                    log.warning("dropping undecodable disk record %s", rid.hex())
+                self._drop(plan.damaged)
             if plan.n_tokens == 0:
                 return None, 0
             try:
@@ -641,7 +650,9 @@ class DiskStore:
             except RestoreError as e:
                 self.counters["corrupt_records"] += 1
                 log.warning("dropping bad disk record %s: %s", e.record.id.hex(), e.reason)
-                self.remove_records([e.record.id])
+                if not self._drop([e.record.id]):
+                    # Can't remove it (read-only): look again, stopping before it.
+                    limit = e.record.start
                 continue
             self.touch(plan.records)
             return cache, plan.n_tokens
@@ -671,6 +682,17 @@ class DiskStore:
         self.index.write(fn)
 
     # --- removal and budget -------------------------------------------------------------
+
+    def _drop(self, ids: Sequence[bytes]) -> bool:
+        """Best-effort removal of bad records from a lookup path; never raises."""
+        if self.readonly:
+            return False
+        try:
+            self.remove_records(ids)
+            return True
+        except Exception as e:  # the caller's answer is a miss either way
+            log.warning("could not remove bad disk records: %s", e)
+            return False
 
     def remove_records(self, ids: Sequence[bytes]) -> list[Record]:
         """Deletes records (index first, commit, then files)."""
