@@ -4,8 +4,8 @@ Runs ``mlx_lm.server.main()`` unchanged except that the ``LRUPromptCache``
 it builds is a :class:`tiercache.TieredPromptCache`, so its prefix cache
 gains a disk tier and survives restarts. Our own flags (``--disk-dir``,
 ``--disk-bytes``, ``--block-size``, ``--write-policy``, ``--prewarm-bytes``,
-``--flush-timeout``) are parsed first; every other flag is passed through to
-mlx_lm.server untouched.
+``--writer-queue-bytes``, ``--flush-timeout``) are parsed first; every other
+flag is passed through to mlx_lm.server untouched.
 """
 
 from __future__ import annotations
@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prewarm-bytes", type=parse_size, default=env("PREWARM_BYTES", "0"),
                    help="Disk bytes promoted to memory at start (default: 0; "
                    "env: TIERCACHE_PREWARM_BYTES)")
+    p.add_argument("--writer-queue-bytes", type=parse_size,
+                   default=env("WRITER_QUEUE_BYTES", str(2 << 30)),
+                   help="Bound on snapshots waiting for the disk writer (default: 2147483648; "
+                   "env: TIERCACHE_WRITER_QUEUE_BYTES)")
     p.add_argument("--flush-timeout", type=float, default=float(env("FLUSH_TIMEOUT", 10.0)),
                    help="Seconds to wait for the disk writer at exit (default: 10.0; "
                    "env: TIERCACHE_FLUSH_TIMEOUT)")
@@ -85,6 +89,7 @@ def _make_cache(max_size: int = 10, max_bytes: int = 1 << 63, **_ignored):
         block_size=opts.block_size,
         write_policy=opts.write_policy,
         prewarm_bytes=opts.prewarm_bytes,
+        writer_queue_bytes=opts.writer_queue_bytes,
     )
     _state["cache"] = cache
     logger.info("tiercache: prompt cache is TieredPromptCache (disk tier: %s)",
