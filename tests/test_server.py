@@ -266,6 +266,29 @@ def test_concurrent_clients_while_health_answers(server):
     assert health_codes and all(c == 200 for c in health_codes)
 
 
+def test_health_and_metrics_answer_while_worker_is_busy(server):
+    """A long prompt + generation occupies the worker; HTTP stays responsive."""
+    done = []
+
+    def long_request():
+        r = httpx.post(server.base_url + "/v1/completions",
+                       json={"prompt": [(i * 7) % 500 + 3 for i in range(6000)],
+                             "max_tokens": 300}, timeout=300)
+        done.append(r.status_code)
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    try:
+        busy = wait_for(lambda: (not done) and httpx.get(server.base_url + "/health", timeout=30)
+                        .json()["queue"]["running"], timeout=120, interval=0.02)
+        assert busy
+        assert httpx.get(server.base_url + "/metrics", timeout=30).status_code == 200
+        assert httpx.get(server.base_url + "/v1/models", timeout=30).status_code == 200
+    finally:
+        t.join()
+    assert done == [200]
+
+
 def test_cache_stats_and_reset(server):
     stats = httpx.get(server.base_url + "/v1/cache/stats").json()
     assert "memory" in stats["tiers"] and "disk" in stats["tiers"]
