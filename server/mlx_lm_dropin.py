@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import sys
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 from .config import ENV_PREFIX, WRITE_POLICIES, parse_size
 
@@ -24,7 +24,7 @@ logger = logging.getLogger("tiercache.dropin")
 _state: dict = {"cache": None, "opts": None}
 
 
-def _size_or_none(text: str) -> Optional[int]:
+def _size_or_none(text: str) -> int | None:
     return None if str(text).strip().lower() in ("", "none") else parse_size(text)
 
 
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-policy", choices=WRITE_POLICIES, default=env("WRITE_POLICY", "through"),
                    help="through|back (default: through; env: TIERCACHE_WRITE_POLICY)")
     p.add_argument("--prewarm-bytes", type=parse_size, default=env("PREWARM_BYTES", "0"),
-                   help="Disk bytes promoted to memory at start (default: 0; "
+                   help="Bytes of recent disk entries read into the page cache at start (default: 0; "
                    "env: TIERCACHE_PREWARM_BYTES)")
     p.add_argument("--writer-queue-bytes", type=parse_size,
                    default=env("WRITER_QUEUE_BYTES", str(2 << 30)),
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _peek_prompt_cache_bytes(argv: Sequence[str]) -> Optional[int]:
+def _peek_prompt_cache_bytes(argv: Sequence[str]) -> int | None:
     """Read mlx_lm's ``--prompt-cache-bytes`` without consuming it."""
     peek = argparse.ArgumentParser(add_help=False)
     peek.add_argument("--prompt-cache-bytes", default=None)
@@ -119,7 +119,7 @@ def _sigterm(signum, frame):
     raise KeyboardInterrupt()
 
 
-def main(argv: Optional[Sequence[str]] = None, hard_exit: bool = True) -> int:
+def main(argv: Sequence[str] | None = None, hard_exit: bool = True) -> int:
     """Run mlx_lm.server with the tiered cache.
 
     Args:

@@ -4,11 +4,9 @@ sliding-window checkpoints, namespaces, salts, file format and store settings.""
 from __future__ import annotations
 
 import copy
-import os
 import shutil
 import stat
 
-import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import random_tokens

@@ -9,7 +9,6 @@ import random
 import threading
 import time
 
-import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import random_tokens

@@ -19,10 +19,10 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -30,21 +30,13 @@ import numpy as np
 from . import layers as L
 from .blockfile import (
     DIR_MODE,
-    BlockFileError,
-    HashingReader,
     TensorSource,
-    as_numpy,
-    dtype_name,
-    mx_dtype,
-    np_dtype,
     write_tensor_file,
 )
 from .hashing import (
     FORMAT_VERSION,
     HASH_ALGORITHM,
-    BlockHash,
     Namespace,
-    block_hashes,
     chain_root,
     checkpoint_id,
     namespace_id,
@@ -52,6 +44,8 @@ from .hashing import (
     packed_block_hashes,
 )
 from .index import KIND_BLOCK, KIND_CHECKPOINT, KIND_TAIL, Index, IndexError_, Record
+from .lookup import RestorePlan, find_longest_prefix
+from .restore import RestoreError, read_plan
 
 log = logging.getLogger("tiercache.disk")
 
@@ -80,79 +74,6 @@ class SaveResult:
     bytes_written: int = 0
     records_skipped: int = 0
     evicted: int = 0
-
-
-@dataclass
-class RestorePlan:
-    """A restorable prefix: full blocks in chain order, then maybe a tail/checkpoint.
-
-    Attributes:
-        namespace: the namespace searched.
-        n_tokens: tokens the restored cache will hold.
-        chain: full block records, in order.
-        last: a tail/checkpoint record, or a block used only partly, or None.
-        layer_desc: cache layout of the namespace.
-    """
-
-    namespace: bytes
-    n_tokens: int = 0
-    chain: list[Record] = field(default_factory=list)
-    last: Record | None = None
-    layer_desc: list = field(default_factory=list)
-    damaged: list[bytes] = field(default_factory=list)
-    """Ids of undecodable records met on the chain (the match stopped there)."""
-
-    @property
-    def records(self) -> list[Record]:
-        return self.chain + ([self.last] if self.last is not None else [])
-
-
-class RestoreError(Exception):
-    """A record's file is missing or corrupt; carries the record."""
-
-    def __init__(self, record: Record, reason: str):
-        super().__init__(f"{record.id.hex()}: {reason}")
-        self.record = record
-        self.reason = reason
-
-
-def _common_prefix(a: bytes, b: bytes) -> int:
-    """Length, in tokens, of the common prefix of two packed token strings."""
-    n = min(len(a), len(b)) // 4
-    if n == 0:
-        return 0
-    x = np.frombuffer(a, dtype="<u4", count=n)
-    y = np.frombuffer(b, dtype="<u4", count=n)
-    diff = np.flatnonzero(x != y)
-    return int(diff[0]) if diff.size else n
-
-
-def _token_seq(tokens) -> Sequence[int]:
-    """A sliceable token sequence: numpy arrays stay arrays (packed without a list)."""
-    if isinstance(tokens, mx.array):
-        tokens = np.array(tokens)
-    if isinstance(tokens, np.ndarray):
-        return tokens.reshape(-1)
-    return tokens if isinstance(tokens, list) else list(tokens)
-
-
-def _prefetch(paths: Sequence[Path]) -> None:
-    """Asks the kernel to read every file of a plan ahead (POSIX_FADV_WILLNEED), so
-    a cold restore overlaps disk reads with hashing and copying instead of waiting
-    for each file in turn. A no-op where fadvise is missing."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    for p in paths:
-        try:
-            fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        except OSError:
-            continue  # restore reports it
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
 
 
 class DiskStore:
@@ -444,7 +365,7 @@ class DiskStore:
         result.records_written += len(added)
         result.bytes_written += sum(r.nbytes for r in added)
 
-    # --- lookup -------------------------------------------------------------------------
+    # --- lookup and restore -------------------------------------------------------------
 
     def longest_prefix(
         self,
@@ -463,80 +384,11 @@ class DiskStore:
                 hit always leaves a token to prefill).
 
         Returns:
-            A plan; ``plan.n_tokens == 0`` is a miss.
+            A plan; ``plan.n_tokens == 0`` is a miss. See :mod:`tiercache.lookup`.
         """
-        desc = self.layer_desc(ns)
-        plan = RestorePlan(ns, layer_desc=desc or [])
-        tokens = _token_seq(tokens)
-        limit = len(tokens) if limit is None else max(0, min(limit, len(tokens)))
-        if desc is None or limit == 0:
-            return plan
-        B = self.block_size
-        root = chain_root(ns, salt)
-        packed = pack_tokens(tokens[:limit])
-        hashes = packed_block_hashes(root, packed, B)
-        trimmable = L.all_splittable(desc)
-        ix = self.index
-        with ix.read() as txn:
-            chain: list[Record] = []
-            parent = root
-            for i, h in enumerate(hashes):
-                rec = ix.get(txn, h)
-                if rec is None and txn.get(h, db=ix.records) is not None:
-                    plan.damaged.append(h)  # present but undecodable
-                if (
-                    rec is None
-                    or rec.kind != KIND_BLOCK
-                    or rec.namespace != ns
-                    or rec.parent != parent
-                    or rec.tokens != packed[i * 4 * B : (i + 1) * 4 * B]
-                ):
-                    break
-                chain.append(rec)
-                parent = h
-            if trimmable:
-                base = len(chain) * B
-                rest = packed[base * 4 :]
-                best, best_c = None, 0
-                if rest:
-                    # A child that differs at its first token adds nothing.
-                    for cid in ix.child_ids_starting(txn, parent, rest[:4]):
-                        rec = ix.get(txn, cid, rest[:4])
-                        if rec is None or rec.kind == KIND_CHECKPOINT or rec.parent != parent:
-                            continue
-                        c = _common_prefix(rec.tokens, rest)
-                        if c > best_c:
-                            best, best_c = rec, c
-                plan.chain, plan.last, plan.n_tokens = chain, best, base + best_c
-                return plan
-            # Non-trimmable layers: only exact checkpoint positions count.
-            for j in range(len(chain), -1, -1):
-                p_hash = chain[j - 1].id if j else root
-                base = j * B
-                best = None
-                # Candidates: the checkpoint exactly at the block boundary, and the
-                # ones whose tail starts with the prompt's next token.
-                cands = [checkpoint_id(p_hash, [])]
-                if base < limit:
-                    cands += ix.child_ids_starting(txn, p_hash, packed[base * 4 : base * 4 + 4])
-                for cid in cands:
-                    rec = ix.get(txn, cid)
-                    if (
-                        rec is None
-                        or rec.kind != KIND_CHECKPOINT
-                        or rec.parent != p_hash
-                        or rec.position > limit
-                        or rec.tokens != packed[base * 4 : rec.position * 4]
-                    ):
-                        continue
-                    if best is None or rec.position > best.position:
-                        best = rec
-                if best is not None:
-                    plan.chain, plan.last, plan.n_tokens = chain[:j], best, best.position
-                    return plan
-        return plan
-
-    # --- restore ------------------------------------------------------------------------
+        return find_longest_prefix(
+            self.index, ns, self.layer_desc(ns), tokens, self.block_size, salt=salt, limit=limit
+        )
 
     def restore(self, plan: RestorePlan) -> list | None:
         """Builds mlx-lm cache objects for a plan, verifying every file.
@@ -544,83 +396,7 @@ class DiskStore:
         Raises:
             RestoreError: a file is missing, truncated or fails its checksum.
         """
-        if plan.n_tokens == 0:
-            return None
-        desc = plan.layer_desc
-        split = {i for i, d in enumerate(desc) if L.is_splittable(d)}
-        n_total = plan.n_tokens
-        dests: dict[tuple[int, str], tuple[mx.array, np.ndarray]] = {}
-        states: dict[str, dict] = {}
-        state_arrays: dict[int, dict[str, mx.array]] = {}
-        row = 0
-        _prefetch([self.file_path(r) for r in plan.records])
-        for rec in plan.records:
-            use = min(rec.n_tokens, n_total - row)
-            try:
-                meta = self._read_record(rec, use, row, n_total, split, dests, state_arrays)
-            except (BlockFileError, OSError, KeyError, ValueError, TypeError) as e:
-                raise RestoreError(rec, str(e)) from None
-            if meta is not None:
-                states = meta
-            row += use
-        cache: list[Any] = []
-        for i, d in enumerate(desc):
-            if i in split:
-                arrays = {s: dests[(i, s)][0] for s in L.kv_suffixes(d) if (i, s) in dests}
-                if len(arrays) != len(L.kv_suffixes(d)):
-                    raise RestoreError(plan.records[-1], f"layer {i} missing from files")
-                cache.append(L.build_splittable(d, arrays, n_total))
-            else:
-                meta = states.get(str(i))
-                if meta is None:
-                    raise RestoreError(plan.records[-1], f"no state for layer {i}")
-                cache.append(L.decode_state(meta, state_arrays.get(i, {})))
-        return cache
-
-    def _read_record(self, rec, use, row, n_total, split, dests, state_arrays):
-        r = HashingReader(self.file_path(rec), rec.nbytes)
-        states = None
-        try:
-            for name in r.tensors_in_order():
-                dt, shape, s, e = r.tensor_info(name)
-                li_str, _, suffix = name.partition(".")
-                li = int(li_str)
-                r.skip_to(s)
-                if suffix.startswith("s."):
-                    arr = np.empty(shape, dtype=np_dtype(dt))
-                    r.readinto(memoryview(arr).cast("B"))
-                    a = mx.array(arr)
-                    if mx_dtype(dt) == mx.bfloat16:
-                        a = a.view(mx.bfloat16)
-                    state_arrays.setdefault(li, {})[suffix[2:]] = a
-                    continue
-                if li not in split or len(shape) != 4 or shape[2] != rec.n_tokens:
-                    raise BlockFileError(f"unexpected tensor {name} {shape}")
-                key = (li, suffix)
-                if key not in dests:
-                    dest = mx.empty((shape[0], shape[1], n_total, shape[3]), dtype=mx_dtype(dt))
-                    dests[key] = (dest, as_numpy(dest))
-                dview = dests[key][1]
-                if dview.shape[:2] != tuple(shape[:2]) or dview.shape[3] != shape[3]:
-                    raise BlockFileError(f"tensor {name} shape {shape} differs between files")
-                if use == 0:
-                    continue  # empty tail of a checkpoint on a block boundary
-                if use == shape[2]:
-                    # Each (batch, head) plane of the file lands in one contiguous run.
-                    for b in range(shape[0]):
-                        for h in range(shape[1]):
-                            r.readinto(memoryview(dview[b, h, row : row + use]).cast("B"))
-                else:
-                    scratch = np.empty(shape, dtype=dview.dtype)
-                    r.readinto(memoryview(scratch).cast("B"))
-                    dview[:, :, row : row + use] = scratch[:, :, :use]
-            raw_states = (r.header.get("__metadata__") or {}).get("states")
-            if raw_states is not None:
-                states = json.loads(raw_states)
-            r.finish(rec.checksum)
-        finally:
-            r.close()
-        return states
+        return read_plan(plan, self.file_path)
 
     def fetch(
         self,

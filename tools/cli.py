@@ -13,9 +13,7 @@ newer format, corrupt index, bad ID, bad size...), reported as one line on stder
 
 from __future__ import annotations
 
-import functools
 import json
-import math
 import os
 import re
 import sys
