@@ -9,7 +9,8 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Optional
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -200,7 +201,7 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
         while True:
             try:
                 return await asyncio.wait_for(job.events.get(), timeout=1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if await request.is_disconnected():
                     job.cancel()
                     raise asyncio.CancelledError()
@@ -248,7 +249,7 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
         obj = "chat.completion.chunk" if chat else "text_completion"
         extra = {"usage": None} if include_usage else {}
 
-        def chunk(content: Optional[str], finish: Optional[str], role: bool = False) -> str:
+        def chunk(content: str | None, finish: str | None, role: bool = False) -> str:
             if chat:
                 delta: dict = {}
                 if role:
@@ -316,7 +317,7 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
                            "model_not_found")
         return _model_card()
 
-    def _summary(stats: Optional[dict]) -> dict:
+    def _summary(stats: dict | None) -> dict:
         out: dict = {}
         for tier in ("memory", "disk"):
             t = (stats or {}).get(tier)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from .config import parse_config
 
@@ -21,7 +21,7 @@ class _Server:
         import uvicorn
 
         class Server(uvicorn.Server):
-            def handle_exit(self, sig, frame):  # noqa: D401 - uvicorn hook
+            def handle_exit(self, sig, frame):
                 super().handle_exit(sig, frame)
                 # uvicorn re-raises captured signals after shutdown, which
                 # would turn a clean stop into "killed by SIGTERM".
@@ -32,7 +32,7 @@ class _Server:
         return Server(config)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the server until a signal arrives.
 
     Args:

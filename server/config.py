@@ -14,9 +14,10 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 from pydantic import ByteSize, TypeAdapter, ValidationError
 
@@ -105,7 +106,7 @@ def _choice(options: Sequence[str], upper: bool = False) -> Callable[[str], str]
     return parse
 
 
-def _size_or_none(text: str) -> Optional[int]:
+def _size_or_none(text: str) -> int | None:
     if str(text).strip().lower() in ("", "none"):
         return None
     return parse_size(text)
@@ -126,10 +127,10 @@ class ServerConfig:
         disk_bytes: Disk-tier byte budget (``None`` = unlimited).
         block_size: Tokens per disk block.
         write_policy: ``through`` or ``back``.
-        prewarm_bytes: Bytes of disk entries promoted to memory at start.
+        prewarm_bytes: Bytes of recent disk entries read into the page cache at start.
         prefill_step_size: Tokens per prefill step.
         max_tokens: Default completion length for requests.
-        api_key: Bearer key required on ``/v1`` routes when set.
+        api_key: Bearer key required on every route but ``/health`` when set.
         log_level: Python logging level name.
         max_queue: Requests allowed to wait for the worker before 429s.
         flush_timeout: Seconds to wait for the disk writer at shutdown.
@@ -137,19 +138,19 @@ class ServerConfig:
             beyond it the oldest pending writes are dropped (and counted).
     """
 
-    model: Optional[str] = None
+    model: str | None = None
     host: str = "127.0.0.1"
     port: int = 8080
-    prompt_cache_bytes: Optional[int] = None
+    prompt_cache_bytes: int | None = None
     prompt_cache_size: int = 10
-    disk_dir: Optional[str] = None
-    disk_bytes: Optional[int] = None
+    disk_dir: str | None = None
+    disk_bytes: int | None = None
     block_size: int = 256
     write_policy: str = "through"
     prewarm_bytes: int = 0
     prefill_step_size: int = 2048
     max_tokens: int = 512
-    api_key: Optional[str] = None
+    api_key: str | None = None
     log_level: str = "INFO"
     max_queue: int = 64
     flush_timeout: float = 10.0
@@ -158,28 +159,30 @@ class ServerConfig:
 
 # (flag, parser, help). Defaults come from ServerConfig.
 _FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
-    ("--model", str, "Local mlx-lm model folder or Hugging Face repo id; "
-     "without it the built-in demo model is served (built on first run)"),
+    ("--model", str, ("Local mlx-lm model folder or Hugging Face repo id; "
+                      "without it the built-in demo model is served (built on first run)")),
     ("--host", str, "Host address to bind"),
     ("--port", _port, "Port to listen on (0 = any free port)"),
-    ("--prompt-cache-bytes", _size_or_none, "Memory-tier budget, e.g. 8GB, 512MiB, 4G "
-     "or bytes (None = unlimited)"),
+    ("--prompt-cache-bytes", _size_or_none, ("Memory-tier budget, e.g. 8GB, 512MiB, 4G "
+                                             "or bytes (None = unlimited)")),
     ("--prompt-cache-size", _positive_int, "Maximum number of cached sequences in memory"),
     ("--disk-dir", str, "Folder for the disk tier; enables it (survives restarts)"),
     ("--disk-bytes", _size_or_none, "Disk-tier budget, e.g. 50GB (None = unlimited)"),
     ("--block-size", _positive_int, "Tokens per disk block"),
-    ("--write-policy", _choice(WRITE_POLICIES), "When entries reach disk: through "
-     "(on insert) or back (on demotion)"),
-    ("--prewarm-bytes", parse_size, "Bytes of disk entries loaded into memory at start"),
+    ("--write-policy", _choice(WRITE_POLICIES), ("When entries reach disk: through "
+                                                 "(on insert) or back (on demotion)")),
+    ("--prewarm-bytes", parse_size, ("Bytes of the most recent disk entries read into "
+                                     "the OS page cache at start")),
     ("--prefill-step-size", _positive_int, "Tokens per prefill step"),
     ("--max-tokens", _positive_int, "Default maximum completion tokens per request"),
-    ("--api-key", str, "Require 'Authorization: Bearer KEY' on /v1 routes"),
+    ("--api-key", str, "Require 'Authorization: Bearer KEY' on every route but /health"),
     ("--log-level", _choice(LOG_LEVELS, upper=True), "Logging level"),
-    ("--max-queue", _positive_int, "Requests that may wait for the worker before "
-     "new ones get 429"),
+    ("--max-queue", _positive_int, ("Requests that may wait for the worker before "
+                                    "new ones get 429")),
     ("--flush-timeout", _positive_float, "Seconds to wait for the disk writer at shutdown"),
-    ("--writer-queue-bytes", parse_size, "Bound on snapshots waiting for the disk writer; "
-     "beyond it the oldest pending writes are dropped (counted in /metrics)"),
+    ("--writer-queue-bytes", parse_size, ("Bound on snapshots waiting for the disk writer; "
+                                          "beyond it the oldest pending writes are dropped "
+                                          "(counted in /metrics)")),
 ]
 
 
@@ -227,8 +230,8 @@ def build_parser(prog: str = "tiercache-server") -> argparse.ArgumentParser:
 
 
 def parse_config(
-    argv: Optional[Sequence[str]] = None,
-    env: Optional[dict] = None,
+    argv: Sequence[str] | None = None,
+    env: dict | None = None,
     prog: str = "tiercache-server",
 ) -> ServerConfig:
     """Parse flags and environment variables into a :class:`ServerConfig`.

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any
 
 from .config import ServerConfig
 
@@ -29,7 +30,7 @@ class RequestError(ValueError):
         code: A short machine-readable code.
     """
 
-    def __init__(self, message: str, param: Optional[str] = None, code: Optional[str] = None):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.param = param
         self.code = code
@@ -57,13 +58,13 @@ class GenParams:
         request_id: For the log line.
     """
 
-    tokens: List[int]
+    tokens: list[int]
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
-    seed: Optional[int] = None
-    stops: List[str] = field(default_factory=list)
-    salt: Optional[str] = None
+    seed: int | None = None
+    stops: list[str] = field(default_factory=list)
+    salt: str | None = None
     arrived: float = field(default_factory=time.perf_counter)
     request_id: str = ""
     user_start: int = 0
@@ -99,7 +100,7 @@ class _StopText:
         return out
 
 
-def _cache_offset(prompt_cache: list) -> Optional[int]:
+def _cache_offset(prompt_cache: list) -> int | None:
     """Return the token count held by the first layer that reports one."""
     for layer in prompt_cache:
         offset = getattr(layer, "offset", None)
@@ -122,13 +123,13 @@ class Engine:
         self.model = None
         self.tokenizer = None
         self.cache = None
-        self.model_path: Optional[str] = None
+        self.model_path: str | None = None
         self.model_id = cfg.model or DEMO_MODEL_ID
-        self.model_key: Optional[str] = None
-        self.context_length: Optional[int] = None
-        self.vocab_size: Optional[int] = None
+        self.model_key: str | None = None
+        self.context_length: int | None = None
+        self.vocab_size: int | None = None
         self.trimmable = True
-        self.namespace: Optional[str] = None
+        self.namespace: str | None = None
         self.created = int(time.time())
 
     # ------------------------------------------------------------------ load
@@ -184,16 +185,14 @@ class Engine:
         if self.cache is not None:
             self.cache.close(flush_timeout=flush_timeout)
 
-    def matches_model(self, name: Optional[str]) -> bool:
+    def matches_model(self, name: str | None) -> bool:
         """Whether a request's ``model`` field names the served model."""
         if name in (None, "", self.model_id, "default_model"):
             return True
-        if self.model_path and name in (self.model_path, Path(self.model_path).name):
-            return True
-        return False
+        return bool(self.model_path) and name in (self.model_path, Path(self.model_path).name)
 
     # ------------------------------------------------------------ tokenize
-    def chat_request_tokens(self, messages: List[dict]) -> tuple[List[int], int]:
+    def chat_request_tokens(self, messages: list[dict]) -> tuple[list[int], int]:
         """Tokenize a chat and find where its last user message starts.
 
         The position is only computed for models with non-trimmable cache
@@ -216,7 +215,7 @@ class Engine:
                 logger.debug("no user-start checkpoint: %s", exc)
         return tokens, user_start
 
-    def chat_tokens(self, messages: List[dict]) -> List[int]:
+    def chat_tokens(self, messages: list[dict]) -> list[int]:
         """Render chat messages with the model's template and tokenize.
 
         Args:
@@ -238,13 +237,13 @@ class Engine:
         text = "\n".join(lines) + "\nassistant:"
         return list(tok.encode(text))
 
-    def prompt_tokens(self, prompt: Any) -> List[int]:
+    def prompt_tokens(self, prompt: Any) -> list[int]:
         """Tokenize a completion prompt (string) or pass token ids through."""
         if isinstance(prompt, str):
             return list(self.tokenizer.encode(prompt))
         return [int(t) for t in prompt]
 
-    def resolve_max_tokens(self, tokens: Sequence[int], requested: Optional[int]) -> int:
+    def resolve_max_tokens(self, tokens: Sequence[int], requested: int | None) -> int:
         """Validate a prompt and return the completion limit to use.
 
         Args:
@@ -303,7 +302,11 @@ class Engine:
         """
         import mlx.core as mx
         from mlx_lm import stream_generate
-        from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+        from mlx_lm.models.cache import (
+            can_trim_prompt_cache,
+            make_prompt_cache,
+            trim_prompt_cache,
+        )
         from mlx_lm.sample_utils import make_sampler
 
         tokens = list(p.tokens)
@@ -349,12 +352,12 @@ class Engine:
         if not self.trimmable and len(rest) > 1:
             rest = self._checkpointed_prefill(p, tokens, rest, cached, prompt_cache)
 
-        generated: List[int] = []
+        generated: list[int] = []
         stopper = _StopText(p.stops)
         finish = "length"
         stop_hit = False
-        t_first: Optional[float] = None
-        prefill_done: Optional[float] = None
+        t_first: float | None = None
+        prefill_done: float | None = None
         stream = stream_generate(
             self.model,
             self.tokenizer,
@@ -425,8 +428,8 @@ class Engine:
             finish,
         )
 
-    def _checkpointed_prefill(self, p: GenParams, tokens: List[int], rest: List[int],
-                              cached: int, prompt_cache: list) -> List[int]:
+    def _checkpointed_prefill(self, p: GenParams, tokens: list[int], rest: list[int],
+                              cached: int, prompt_cache: list) -> list[int]:
         """Prefill all but the last token of a non-trimmable cache, snapshotting.
 
         Follows the chunk-boundary rule of ``tiercache.checkpoints`` so that a
@@ -453,7 +456,7 @@ class Engine:
                 logger.exception("checkpoint insert failed")
         return rest[-1:]
 
-    def _insert(self, key: List[int], prompt_cache: list, salt, can_trim, trim) -> None:
+    def _insert(self, key: list[int], prompt_cache: list, salt, can_trim, trim) -> None:
         """Insert the post-generation cache state under exactly its tokens."""
         import mlx.core as mx
 
@@ -470,8 +473,8 @@ class Engine:
             return
         try:
             mx.eval([c.state for c in prompt_cache])
-        except Exception:  # some layer types have no evaluable state
-            pass
+        except Exception as exc:  # some layer types have no evaluable state
+            logger.debug("cache state not evaluated: %s", exc)
         try:
             self.cache.insert_cache(
                 self.model_key, key, prompt_cache, cache_type="assistant", salt=salt
@@ -480,11 +483,11 @@ class Engine:
             logger.exception("prompt cache insert failed")
 
     # --------------------------------------------------------------- stats
-    def cache_stats(self) -> Optional[dict]:
+    def cache_stats(self) -> dict | None:
         """Return ``cache.stats()`` or ``None`` before the cache exists."""
         return self.cache.stats() if self.cache is not None else None
 
-    def namespaces(self) -> List[dict]:
+    def namespaces(self) -> list[dict]:
         """Disk namespaces (model + cache layout) known to the store."""
         disk = getattr(self.cache, "disk", None)
         if disk is None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -39,8 +38,8 @@ class APIError(Exception):
         code: Short machine-readable code.
     """
 
-    def __init__(self, status: int, message: str, param: Optional[str] = None,
-                 code: Optional[str] = None):
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -48,8 +47,8 @@ class APIError(Exception):
         self.code = code
 
 
-def envelope(status: int, message: str, param: Optional[str] = None,
-             code: Optional[str] = None) -> dict:
+def envelope(status: int, message: str, param: str | None = None,
+             code: str | None = None) -> dict:
     """Build the error body for ``status``."""
     return {
         "error": {
@@ -61,8 +60,8 @@ def envelope(status: int, message: str, param: Optional[str] = None,
     }
 
 
-def error_response(status: int, message: str, param: Optional[str] = None,
-                   code: Optional[str] = None, headers: Optional[dict] = None) -> JSONResponse:
+def error_response(status: int, message: str, param: str | None = None,
+                   code: str | None = None, headers: dict | None = None) -> JSONResponse:
     """Return a :class:`JSONResponse` carrying the envelope."""
     return JSONResponse(envelope(status, message, param, code), status_code=status,
                         headers=headers)
@@ -73,7 +72,7 @@ def sse_error(message: str, status: int = 500) -> str:
     return f"data: {json.dumps(envelope(status, message))}\n\n"
 
 
-def _loc_param(loc) -> Optional[str]:
+def _loc_param(loc) -> str | None:
     parts = [str(p) for p in loc if p != "body"]
     return ".".join(parts) if parts else None
 

@@ -9,9 +9,15 @@ from ``TieredPromptCache.stats()`` at scrape time.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional
+from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 logger = logging.getLogger(__name__)
@@ -38,7 +44,7 @@ _TIER_GAUGES = {
 class _CacheCollector:
     """Reads the cache's ``stats()`` on every scrape."""
 
-    def __init__(self, get_stats: Callable[[], Optional[dict]]):
+    def __init__(self, get_stats: Callable[[], dict | None]):
         self._get_stats = get_stats
 
     def collect(self):
@@ -84,7 +90,7 @@ class Metrics:
             the model loads).
     """
 
-    def __init__(self, get_stats: Callable[[], Optional[dict]]):
+    def __init__(self, get_stats: Callable[[], dict | None]):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.query_tokens = Counter(

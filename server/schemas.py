@@ -6,7 +6,7 @@ as OpenAI clients send extras we do not use.
 
 from __future__ import annotations
 
-from typing import List, Literal, Optional, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -22,15 +22,15 @@ class TextPart(_Strict):
     """One part of a multi-part message content."""
 
     type: str
-    text: Optional[str] = None
+    text: str | None = None
 
 
 class ChatMessage(_Strict):
     """A chat message; content may be a string or a list of text parts."""
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: Union[str, List[TextPart], None] = None
-    name: Optional[str] = None
+    content: str | list[TextPart] | None = None
+    name: str | None = None
 
     def text(self) -> str:
         """Return the content as one string.
@@ -57,18 +57,18 @@ class StreamOptions(_Strict):
 
 
 class _Sampling(_Strict):
-    model: Optional[str] = None
-    max_tokens: Optional[int] = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
-    max_completion_tokens: Optional[int] = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
-    temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
-    top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
-    seed: Optional[int] = Field(default=None, ge=0, lt=2**64)
-    stop: Union[str, List[str], None] = None
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, lt=2**64)
+    stop: str | list[str] | None = None
     stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    cache_salt: Optional[str] = Field(default=None, max_length=1024)
+    stream_options: StreamOptions | None = None
+    cache_salt: str | None = Field(default=None, max_length=1024)
     n: int = Field(default=1, ge=1, le=1)
-    user: Optional[str] = None
+    user: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -82,13 +82,13 @@ class _Sampling(_Strict):
             raise ValueError("stop sequences must not be empty")
         return value
 
-    def stop_list(self) -> List[str]:
+    def stop_list(self) -> list[str]:
         """Return ``stop`` as a list."""
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
-    def requested_max_tokens(self) -> Optional[int]:
+    def requested_max_tokens(self) -> int | None:
         """Return ``max_completion_tokens`` or ``max_tokens`` if given."""
         if self.max_completion_tokens is not None:
             return self.max_completion_tokens
@@ -102,13 +102,13 @@ class _Sampling(_Strict):
 class ChatCompletionRequest(_Sampling):
     """Body of ``POST /v1/chat/completions``."""
 
-    messages: List[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
 
 
 class CompletionRequest(_Sampling):
     """Body of ``POST /v1/completions``; ``prompt`` is text or token ids."""
 
-    prompt: Union[str, List[int], List[str], List[List[int]]]
+    prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
 
     @field_validator("prompt")
@@ -131,4 +131,4 @@ class CompletionRequest(_Sampling):
 class CacheResetRequest(_Strict):
     """Body of ``POST /v1/cache/reset``."""
 
-    tier: Optional[Literal["memory", "disk"]] = None
+    tier: Literal["memory", "disk"] | None = None

@@ -14,7 +14,8 @@ import concurrent.futures
 import itertools
 import logging
 import threading
-from typing import Any, Callable, Deque, Optional
+from collections.abc import Callable
+from typing import Any
 
 from .engine import Engine, GenParams
 
@@ -77,18 +78,18 @@ class Worker:
         self,
         engine: Engine,
         max_queue: int,
-        on_load_failed: Optional[Callable[[BaseException], None]] = None,
+        on_load_failed: Callable[[BaseException], None] | None = None,
     ):
         self.engine = engine
         self.max_queue = max_queue
         self.on_load_failed = on_load_failed
         self.state = "loading"
-        self.load_error: Optional[str] = None
-        self._jobs: Deque[Job] = collections.deque()
-        self._control: Deque[tuple] = collections.deque()
+        self.load_error: str | None = None
+        self._jobs: collections.deque[Job] = collections.deque()
+        self._control: collections.deque[tuple] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
-        self._current: Optional[Job] = None
+        self._current: Job | None = None
         self._thread = threading.Thread(target=self._run, name="tiercache-worker", daemon=True)
 
     # ------------------------------------------------------------- public
@@ -205,7 +206,7 @@ class Worker:
             job: Job = payload
             try:
                 if not job.cancelled:
-                    self.engine.generate(job.params, job.emit, lambda: job.cancelled)
+                    self.engine.generate(job.params, job.emit, lambda j=job: j.cancelled)
                 else:
                     job.emit(("error", NotAccepting("request cancelled")))
             except Exception as exc:

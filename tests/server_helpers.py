@@ -8,8 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import httpx
 
@@ -24,7 +24,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(extra: Optional[dict] = None) -> dict:
+def _env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     old = env.get("PYTHONPATH", "")
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + old if old else "")
@@ -46,7 +46,7 @@ class ServerProcess:
     """
 
     def __init__(self, module: str, args: Sequence[str], log_path: Path,
-                 env: Optional[dict] = None):
+                 env: dict | None = None):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
@@ -89,14 +89,14 @@ class ServerProcess:
         self._log.close()
         return self.proc.returncode
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
 
-def start_server(args: Sequence[str], log_path: Path, env: Optional[dict] = None,
+def start_server(args: Sequence[str], log_path: Path, env: dict | None = None,
                  module: str = "server.cli") -> ServerProcess:
     """Start a server and wait until it is healthy."""
     srv = ServerProcess(module, args, log_path, env)
@@ -119,7 +119,7 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1):
     raise AssertionError("condition not met in time")
 
 
-def disk_entries(base_url: str, headers: Optional[dict] = None) -> int:
+def disk_entries(base_url: str, headers: dict | None = None) -> int:
     """Entries on the disk tier according to ``/v1/cache/stats``."""
     stats = httpx.get(base_url + "/v1/cache/stats", headers=headers, timeout=10).json()
     disk = (stats.get("tiers") or {}).get("disk") or {}

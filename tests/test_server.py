@@ -9,7 +9,6 @@ import threading
 import httpx
 import openai
 import pytest
-
 from server_helpers import disk_entries, start_server, wait_for
 
 pytestmark = pytest.mark.slow

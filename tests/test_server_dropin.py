@@ -9,7 +9,6 @@ import sys
 import httpx
 import openai
 import pytest
-
 from server_helpers import ROOT, _env, start_server
 
 pytestmark = pytest.mark.slow
