@@ -44,18 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disk-bytes", type=_size_or_none, default=env("DISK_BYTES", None),
                    help="Disk-tier budget, e.g. 50GB (default: None = unlimited; "
                    "env: TIERCACHE_DISK_BYTES)")
-    p.add_argument("--block-size", type=int, default=int(env("BLOCK_SIZE", 256)),
+    p.add_argument("--block-size", type=int, default=env("BLOCK_SIZE", "256"),
                    help="Tokens per disk block (default: 256; env: TIERCACHE_BLOCK_SIZE)")
     p.add_argument("--write-policy", choices=WRITE_POLICIES, default=env("WRITE_POLICY", "through"),
                    help="through|back (default: through; env: TIERCACHE_WRITE_POLICY)")
     p.add_argument("--prewarm-bytes", type=parse_size, default=env("PREWARM_BYTES", "0"),
-                   help="Bytes of recent disk entries read into the page cache at start (default: 0; "
-                   "env: TIERCACHE_PREWARM_BYTES)")
+                   help="Bytes of recent disk entries read into the page cache at start "
+                   "(default: 0; env: TIERCACHE_PREWARM_BYTES)")
     p.add_argument("--writer-queue-bytes", type=parse_size,
                    default=env("WRITER_QUEUE_BYTES", str(2 << 30)),
                    help="Bound on snapshots waiting for the disk writer (default: 2147483648; "
                    "env: TIERCACHE_WRITER_QUEUE_BYTES)")
-    p.add_argument("--flush-timeout", type=float, default=float(env("FLUSH_TIMEOUT", 10.0)),
+    p.add_argument("--flush-timeout", type=float, default=env("FLUSH_TIMEOUT", "10.0"),
                    help="Seconds to wait for the disk writer at exit (default: 10.0; "
                    "env: TIERCACHE_FLUSH_TIMEOUT)")
     return p
