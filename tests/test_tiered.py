@@ -230,6 +230,43 @@ def test_restart_serves_from_disk(tiny_llama, tiny_llama_path, tmp_path):
     assert tc.close()
 
 
+def test_prewarm_restores_recent_snapshots_into_memory(tiny_llama, tiny_llama_path, tmp_path):
+    """After a restart, prewarm (started by register_model) puts the most recently
+    used snapshots back in memory: the first lookups are memory hits, exact."""
+    model, _ = tiny_llama
+    key = str(tiny_llama_path)
+    seqs = [random_tokens(n, seed=900 + n) for n in (20, 33, 41)]
+    tc = _tc(tmp_path)
+    tc.register_model(key, tiny_llama_path, model)
+    for t in seqs:
+        tc.insert_cache(key, t, _snap(model, t))
+        time.sleep(0.01)  # distinct access times
+    salted = random_tokens(25, seed=999)
+    tc.insert_cache(key, salted, _snap(model, salted), salt="tenant")
+    assert tc.close(flush_timeout=30)
+    # Budget for about two of the three snapshots: the two most recent win.
+    # Restored buffers hold exactly their rows (no 256-token padding).
+    per_token = sum(2 * c.keys[..., :1, :].nbytes for c in _snap(model, seqs[0]))
+    budget = per_token * (len(seqs[2]) + len(seqs[1]))
+    tc = _tc(tmp_path, prewarm_bytes=budget)
+    assert len(tc) == 0
+    tc.register_model(key, tiny_llama_path, model)
+    tc._prewarm_thread.join(60)
+    st = tc.stats()["memory"]
+    assert st["entries"] == 2 and 0 < st["prewarmed_bytes"] <= budget
+    for t in seqs[1:]:
+        q = t + [9, 10]
+        cache, rem = tc.fetch_nearest_cache(key, q)
+        assert tc.last_fetch.source == "memory" and tc.last_fetch.memory_tokens == len(t)
+        _warm_equals_cold(model, cache, q, rem)
+    # The oldest one and the salted tenant's come from disk (salts are never guessed).
+    cache, rem = tc.fetch_nearest_cache(key, seqs[0] + [9, 10])
+    assert tc.last_fetch.source == "disk"
+    _, rem = tc.fetch_nearest_cache(key, salted + [9])
+    assert tc.last_fetch.source == "none" and len(rem) == len(salted) + 1
+    assert tc.close()
+
+
 # --------------------------------------------------------------------- exact hit
 
 

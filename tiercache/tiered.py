@@ -31,7 +31,8 @@ import mlx.core as mx
 
 from . import layers as L
 from .disk import DiskStore
-from .hashing import Namespace, model_files_fingerprint, salt_bytes
+from .restore import RestoreError
+from .hashing import Namespace, chain_root, model_files_fingerprint, salt_bytes
 from .memory import MemoryPromptCache
 from .namespaces import cache_arrays, model_namespace, model_path_of
 from .writer import BackgroundWriter, WriteJob
@@ -90,9 +91,9 @@ class TieredPromptCache:
             for a new store); any other value must match an existing store.
         write_policy: ``"through"`` (persist every insert, asynchronously) or
             ``"back"`` (persist what memory evicts).
-        prewarm_bytes: after start, read up to this many bytes of the most recently
-            used snapshots into the OS page cache in the background, so the first
-            hits after a restart restore at memory speed.
+        prewarm_bytes: after :meth:`register_model`, restore up to this many bytes of
+            the model's most recently used snapshots into memory on a background
+            thread, so the first requests after a restart are memory hits.
         min_promote_tokens: disk must beat memory by this many tokens to be used
             (default: one block).
         writer_queue_bytes: bound on snapshots waiting for the writer; beyond it the
@@ -144,12 +145,11 @@ class TieredPromptCache:
             "demotions": 0,
             "restore_seconds": 0.0,
             "rejected_inserts": 0,
+            "prewarmed_bytes": 0,
         }
         self._closed = False
-        if self.disk is not None and prewarm_bytes > 0:
-            threading.Thread(
-                target=self._prewarm, args=(prewarm_bytes,), name="tiercache-prewarm", daemon=True
-            ).start()
+        self._prewarm_bytes = prewarm_bytes if self.disk is not None else 0
+        self._prewarm_thread: threading.Thread | None = None
 
     # --- namespaces ---------------------------------------------------------------------
 
@@ -160,6 +160,14 @@ class TieredPromptCache:
         ns = model_namespace(self.disk, model_path, model)
         with self._ns_lock:
             self._ns_by_key[key] = ns
+            start = self._prewarm_bytes > 0 and self._prewarm_thread is None
+            if start:
+                self._prewarm_thread = threading.Thread(
+                    target=self._prewarm, args=(key, ns, self._prewarm_bytes),
+                    name="tiercache-prewarm", daemon=True,
+                )
+        if start:
+            self._prewarm_thread.start()
         return ns
 
     def _files(self, key: Hashable):
@@ -366,6 +374,7 @@ class TieredPromptCache:
                 "hit_tokens": m["hit_tokens"],
                 "evictions": m["evictions"],
                 "handovers": m["handovers"],
+                "prewarmed_bytes": self.counters["prewarmed_bytes"],
             },
             "queries": self.counters["queries"],
             "query_tokens": self.counters["query_tokens"],
@@ -439,22 +448,39 @@ class TieredPromptCache:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _prewarm(self, budget: int) -> None:
-        """Reads the most recently used records' files so restores hit the page cache."""
+    def _prewarm(self, key: Hashable, ns: Namespace, budget: int) -> None:
+        """Restores the most recently used snapshots of ``ns`` into memory.
+
+        Runs MLX on this thread, which MLX supports since 0.31.2 as long as arrays
+        are evaluated before another thread uses them: every restored array is
+        evaluated here before the snapshot enters the memory tier. Salted chains
+        are skipped (their salt isn't known here); the memory tier's own budget is
+        never exceeded by prewarming (nothing hot is evicted for it).
+        """
+        from .inspect import chain_of, chain_tokens, load_view, plan_for, snapshot_ends
+
+        done = 0
         try:
-            recs = sorted(self.disk.eviction_order(), key=lambda r: -r.last_access)
-            done = 0
-            buf = bytearray(1 << 20)
-            for rec in recs:
-                if done >= budget or self._closed:
+            view = load_view(self.disk)
+            root = chain_root(ns, None)
+            ends = sorted(snapshot_ends(view, ns), key=lambda r: -r.last_access)
+            for rec in ends:
+                if self._closed or done >= budget:
                     break
                 try:
-                    with open(self.disk.file_path(rec), "rb", buffering=0) as f:
-                        while f.readinto(buf):
-                            pass
-                except OSError:
+                    chain = chain_of(view, rec)
+                    if chain[0].parent != root:
+                        continue
+                    cache = self.disk.restore(plan_for(self.disk, view, rec))
+                except (ValueError, RestoreError):
                     continue
-                done += rec.nbytes
-            log.info("prewarmed %d bytes of disk cache", done)
+                mx.eval(list(cache_arrays(cache)))
+                nbytes = sum(c.nbytes for c in cache)
+                if done + nbytes > budget or self.memory.nbytes + nbytes > self.memory.max_bytes:
+                    continue
+                self.memory.insert((key, b""), chain_tokens(chain), cache, cache_type="user")
+                done += nbytes
+                self.counters["prewarmed_bytes"] += nbytes
+            log.info("prewarmed %d bytes into memory", done)
         except Exception as e:  # prewarm is best effort
             log.warning("prewarm failed: %s", e)
