@@ -225,7 +225,10 @@ def bench_memory_hit(sizes, work: Path, reps: int) -> list[dict]:
             tc.insert_cache(str(fake_model), small_tokens, _tiny_like(c))
             tc.flush()
 
-        ins_flush_then_other(tc.fetch_nearest_cache(str(fake_model), tokens)[0] or copy.deepcopy(base))
+        c, _ = tc.fetch_nearest_cache(str(fake_model), tokens)  # (N-1 tokens) + one write = N tokens
+        decode_write(c, H, D)
+        ins_flush_then_other(c)
+        del c
         res["tiercache + disk, writer moved on"] = timed(
             lambda: tc.fetch_nearest_cache(str(fake_model), tokens), ins_flush_then_other
         )

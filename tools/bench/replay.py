@@ -25,6 +25,7 @@ The memory budget holds two sessions' largest snapshots (``--budget-sessions``).
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
@@ -112,7 +113,9 @@ def run_variant(name, model, path, turns, budget, store, block_size, sample_ever
         if name == "none" and turn.index % sample_every:
             # not timed (the prefill count is exact: the whole prompt)
             rows.append({"index": turn.index, "session": turn.session, "turn": turn.turn, "prompt": len(turn.prompt),
-                         "cached": 0, "prefilled": len(turn.prompt), "ttft": None, "source": "none"})
+                         "cached": 0, "prefilled": len(turn.prompt), "ttft": None, "source": "none",
+                         "session_history": snap_len.get(turn.session, 0)})
+            snap_len[turn.session] = len(turn.prompt) + len(turn.generated)
             continue
         m = C.ttft(model, r.fetch, turn.prompt)
         src = r.source(m["cached"])
@@ -207,6 +210,9 @@ def run(args) -> dict:
             res[v] = run_variant(v, model, path, turns, budget, store, args.block_size,
                                  sample_every=args.none_sample_every)
             res[v]["loadavg_start"] = info["loadavg_start"]
+            if args.out:  # partial results survive a later failure
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                (Path(args.out) / f"replay.partial-{v}.json").write_text(json.dumps(res[v], default=str))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     lru = res.get("lru", {}).get("prefill_tokens")
