@@ -168,9 +168,14 @@ class Engine:
         )
         ns = self.cache.register_model(self.model_key, path, model)
         self.namespace = bytes(ns).hex() if ns is not None else None
-        from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
+        from mlx_lm.models.cache import RotatingKVCache, can_trim_prompt_cache, make_prompt_cache
 
-        self.trimmable = bool(can_trim_prompt_cache(make_prompt_cache(model)))
+        # A sliding-window layer is trimmable only until its window wraps, so
+        # treat it like a recurrent layer: it needs checkpoints.
+        probe = make_prompt_cache(model)
+        self.trimmable = bool(can_trim_prompt_cache(probe)) and not any(
+            isinstance(c, RotatingKVCache) for c in probe
+        )
         logger.info(
             "loaded model %s in %.2fs (context %s, vocab %s; disk tier %s)",
             path,
@@ -434,7 +439,8 @@ class Engine:
 
         Follows the chunk-boundary rule of ``tiercache.checkpoints`` so that a
         restored checkpoint continues exactly like a cold run, and inserts a
-        ``"system"`` checkpoint at the start of the last user message.
+        ``"system"`` checkpoint at the start of the last user message and a
+        ``"user"`` one at the end of the prefill.
 
         Returns:
             The tokens still to feed (the last prompt token).
@@ -446,12 +452,19 @@ class Engine:
         policy = CheckpointPolicy(min_tokens=self.cfg.block_size)
         stops = policy.stops(prompt_len=len(tokens), user_start=p.user_start,
                              trimmable=False, cached=cached)
+        # The end of the prefill (all but the last prompt token) is also worth a
+        # snapshot: the same prompt again then restores all it can. It is the
+        # last chunk boundary anyway, so the chunking rule is unchanged.
+        end = len(tokens) - 1
+        if end > cached and end >= policy.min_tokens:
+            stops = sorted(set(stops) | {end})
         snaps = prefill_with_checkpoints(self.model, prompt_cache, rest[:-1], stops,
                                          self.cfg.prefill_step_size, offset=cached)
         for pos in sorted(snaps):
             try:
                 self.cache.insert_cache(self.model_key, tokens[:pos], snaps[pos],
-                                        cache_type="system", salt=p.salt)
+                                        cache_type="user" if pos == end else "system",
+                                        salt=p.salt)
             except Exception:
                 logger.exception("checkpoint insert failed")
         return rest[-1:]

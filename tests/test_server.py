@@ -419,9 +419,11 @@ def test_bad_flags_exit_2_with_one_line(tmp_path):
     assert "default: 8080" in p.stdout and "TIERCACHE_PROMPT_CACHE_BYTES" in p.stdout
 
 
-def test_hybrid_model_checkpoints_and_determinism(tiny_hybrid_path, tmp_path):
-    """Non-trimmable (conv + attention) layers: checkpoints make later turns hit."""
-    args = ["--model", str(tiny_hybrid_path), "--disk-dir", str(tmp_path / "disk"),
+@pytest.mark.parametrize("preset", ["tiny_hybrid_path", "tiny_sliding_path"])
+def test_non_trimmable_model_checkpoints_and_determinism(preset, request, tmp_path):
+    """Conv/attention and sliding-window layers: checkpoints make later turns hit."""
+    model_path = request.getfixturevalue(preset)
+    args = ["--model", str(model_path), "--disk-dir", str(tmp_path / "disk"),
             "--block-size", "16"]
     srv = start_server(args, tmp_path / "hybrid.log")
     try:
@@ -432,7 +434,7 @@ def test_hybrid_model_checkpoints_and_determinism(tiny_hybrid_path, tmp_path):
         other = _chat(c, [system, {"role": "user", "content": "How old is the moon?"}])
         assert _details(other.usage)["cached_tokens"] > 0
         again = _chat(c, [system, {"role": "user", "content": "Where is the library?"}])
-        assert _details(again.usage)["cached_tokens"] > 0
+        assert _details(again.usage)["cached_tokens"] == again.usage.prompt_tokens - 1
         assert again.choices[0].message.content == first.choices[0].message.content
         wait_for(lambda: disk_entries(srv.base_url) > 0)
     finally:
