@@ -18,7 +18,14 @@ from starlette.concurrency import run_in_threadpool
 
 from .config import ServerConfig
 from .engine import Engine, GenParams, RequestError
-from .errors import APIError, envelope, error_response, install_handlers, sse_error
+from .errors import (
+    APIError,
+    ClientGone,
+    envelope,
+    error_response,
+    install_handlers,
+    sse_error,
+)
 from .metrics import CONTENT_TYPE, Metrics
 from .schemas import CacheResetRequest, ChatCompletionRequest, CompletionRequest
 from .worker import Job, NotAccepting, QueueFull, Worker
@@ -204,7 +211,7 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
             except TimeoutError:
                 if await request.is_disconnected():
                     job.cancel()
-                    raise asyncio.CancelledError()
+                    raise ClientGone()
 
     def _finish(reason: str) -> str:
         return "stop" if reason == "cancelled" else reason

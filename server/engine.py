@@ -168,7 +168,11 @@ class Engine:
         )
         ns = self.cache.register_model(self.model_key, path, model)
         self.namespace = bytes(ns).hex() if ns is not None else None
-        from mlx_lm.models.cache import RotatingKVCache, can_trim_prompt_cache, make_prompt_cache
+        from mlx_lm.models.cache import (
+            RotatingKVCache,
+            can_trim_prompt_cache,
+            make_prompt_cache,
+        )
 
         # A sliding-window layer is trimmable only until its window wraps, so
         # treat it like a recurrent layer: it needs checkpoints.

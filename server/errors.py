@@ -23,6 +23,7 @@ _TYPES = {
     413: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
+    499: "client_closed_request",
     500: "server_error",
     503: "service_unavailable",
 }
@@ -45,6 +46,10 @@ class APIError(Exception):
         self.message = message
         self.param = param
         self.code = code
+
+
+class ClientGone(Exception):
+    """The client disconnected before its response was ready (logged as 499)."""
 
 
 def envelope(status: int, message: str, param: str | None = None,
@@ -84,6 +89,11 @@ def install_handlers(app: FastAPI) -> None:
     async def _api_error(request: Request, exc: APIError):
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return error_response(exc.status, exc.message, exc.param, exc.code, headers)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone):
+        # Nobody reads this; it only gives the request a status for the metrics.
+        return error_response(499, "the client closed the request", None, "client_closed")
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

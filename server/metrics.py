@@ -108,7 +108,7 @@ class Metrics:
             self.hit_tokens.labels(tier=tier)
         self.requests = Counter(
             "tiercache_requests",
-            "HTTP requests to the completion endpoints, by endpoint and status",
+            "HTTP responses by endpoint and status code",
             ["endpoint", "status"],
             registry=r,
         )
