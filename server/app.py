@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
+from pydantic import ValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -383,7 +384,7 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
                                "invalid_json") from None
             try:
                 tier = CacheResetRequest.model_validate(data).tier
-            except Exception:
+            except ValidationError:
                 raise APIError(422, "tier must be \"memory\", \"disk\" or absent",
                                "tier") from None
         require_ready()
