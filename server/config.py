@@ -127,7 +127,7 @@ class ServerConfig:
         disk_bytes: Disk-tier byte budget (``None`` = unlimited).
         block_size: Tokens per disk block.
         write_policy: ``through`` or ``back``.
-        prewarm_bytes: Bytes of recent disk entries read into the page cache at start.
+        prewarm_bytes: Bytes of recent disk snapshots restored into memory at start.
         prefill_step_size: Tokens per prefill step.
         max_tokens: Default completion length for requests.
         api_key: Bearer key required on every route but ``/health`` when set.
@@ -171,8 +171,8 @@ _FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--block-size", _positive_int, "Tokens per disk block"),
     ("--write-policy", _choice(WRITE_POLICIES), ("When entries reach disk: through "
                                                  "(on insert) or back (on demotion)")),
-    ("--prewarm-bytes", parse_size, ("Bytes of the most recent disk entries read into "
-                                     "the OS page cache at start")),
+    ("--prewarm-bytes", parse_size, ("Bytes of the most recently used disk snapshots "
+                                     "restored into memory in the background at start")),
     ("--prefill-step-size", _positive_int, "Tokens per prefill step"),
     ("--max-tokens", _positive_int, "Default maximum completion tokens per request"),
     ("--api-key", str, "Require 'Authorization: Bearer KEY' on every route but /health"),

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-policy", choices=WRITE_POLICIES, default=env("WRITE_POLICY", "through"),
                    help="through|back (default: through; env: TIERCACHE_WRITE_POLICY)")
     p.add_argument("--prewarm-bytes", type=parse_size, default=env("PREWARM_BYTES", "0"),
-                   help="Bytes of recent disk entries read into the page cache at start "
+                   help="Bytes of recent disk snapshots restored into memory at start "
                    "(default: 0; env: TIERCACHE_PREWARM_BYTES)")
     p.add_argument("--writer-queue-bytes", type=parse_size,
                    default=env("WRITER_QUEUE_BYTES", str(2 << 30)),
