@@ -58,8 +58,9 @@ def _wait_ready(port: int, proc, route: str, timeout: float = 300) -> None:
 
 
 class Server:
-    def __init__(self, kind: str, model: Path, budget: int, store: Path, log: Path):
+    def __init__(self, kind: str, model: Path, budget: int, store: Path, log: Path, block_size: int = 256):
         self.kind, self.model, self.budget, self.store, self.log = kind, model, budget, store, log
+        self.block_size = block_size
         self.proc = None
         self.port = None
 
@@ -70,7 +71,8 @@ class Server:
                    "--prompt-cache-bytes", str(self.budget)]
         else:
             cmd = [sys.executable, "-m", "server.cli", "--model", str(self.model), "--port", str(self.port),
-                   "--prompt-cache-bytes", str(self.budget), "--disk-dir", str(self.store)]
+                   "--prompt-cache-bytes", str(self.budget), "--disk-dir", str(self.store),
+                   "--block-size", str(self.block_size)]
         t0 = time.time()
         self.proc = subprocess.Popen(cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
                                      cwd=str(Path(__file__).resolve().parents[2]), env=os.environ.copy())
@@ -121,7 +123,7 @@ def run(args) -> dict:
     out = {}
     try:
         for kind in args.servers:
-            srv = Server(kind, path, budget, work / f"store-{kind}", work / f"{kind}.log")
+            srv = Server(kind, path, budget, work / f"store-{kind}", work / f"{kind}.log", args.block_size)
             rows, starts = [], [srv.start()]
             convo = {}
             for t in turns:
@@ -153,7 +155,7 @@ def run(args) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     return {"benchmark": "http_peer", "command": C.command_line(), "machine": info, "model": args.preset,
             "model_shape": shape, "trace_spec": T.asdict(spec), "trace": T.summary(turns), "budget_bytes": budget,
-            "servers": out}
+            "block_size": args.block_size, "servers": out}
 
 
 def report(res: dict, out: Path) -> None:
@@ -161,7 +163,8 @@ def report(res: dict, out: Path) -> None:
              v["ttft_mean"], v["ttft_p95"], v["ttft_mean_after_restart"],
              " ".join(f"s{s}:{c}" for s, c in sorted(v["first_turn_after_restart_cached"].items())),
              [round(s, 1) for s in v["start_seconds"]], v["loadavg_end"]] for k, v in res["servers"].items()]
-    md = f"Memory budget {res['budget_bytes'] / 1e6:.1f} MB; restarted halfway.\n\n"
+    md = (f"Memory budget {res['budget_bytes'] / 1e6:.1f} MB; restarted halfway; tiercache-server "
+          f"block size {res.get('block_size')}.\n\n")
     md += C.md_table(["server", "prompt tokens", "cached (usage)", "prefilled", "TTFT mean s", "TTFT p95 s",
                       "TTFT mean after restart s", "cached at each session's first turn after restart",
                       "start s", "load end"], rows)
@@ -193,8 +196,12 @@ def main(argv=None) -> int:
     ap.add_argument("--sessions", type=int, default=None)
     ap.add_argument("--turns", type=int, default=None)
     ap.add_argument("--budget-sessions", type=float, default=2.0)
+    ap.add_argument("--block-size", type=int, default=None,
+                    help="tiercache-server disk block size (default 256; --quick 64: its turns add < 256 tokens)")
     ap.add_argument("--servers", nargs="+", default=["mlx_lm.server", "tiercache-server"])
     args = ap.parse_args(argv)
+    if args.block_size is None:
+        args.block_size = 64 if args.quick else 256
     res = run(args)
     report(res, Path(args.out))
     return 0
