@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -39,8 +40,11 @@ def _free_port() -> int:
 
 def _post(url: str, body: dict, timeout: float = 3600) -> dict:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:  # say why (e.g. context_length_exceeded)
+        raise RuntimeError(f"HTTP {e.code} from {url}: {e.read()[:500]!r}") from None
 
 
 def _wait_ready(port: int, proc, route: str, timeout: float = 300) -> None:
@@ -96,6 +100,28 @@ class Server:
         return time.perf_counter() - t0, out
 
 
+
+def _drive(srv, turns, system, text, kind):
+    """Sends the trace to one server (restarted halfway); returns (rows, start times)."""
+    rows, starts = [], [srv.start()]
+    convo: dict[int, list] = {}
+    for t in turns:
+        if t.index == len(turns) // 2:
+            srv.stop()
+            starts.append(srv.start())
+        msgs = convo.setdefault(t.session, [{"role": "system", "content": system}])
+        msgs.append({"role": "user", "content": text(t.prompt[-t.new_tokens:])})
+        dt, resp = srv.chat(msgs)
+        usage = resp.get("usage", {})
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+        rows.append({"index": t.index, "session": t.session, "turn": t.turn, "ttft": dt,
+                     "prompt_tokens": usage.get("prompt_tokens"), "cached_tokens": cached})
+        print(f"  {kind:16s} #{t.index:2d} s{t.session} ttft {dt:.3f}s prompt {usage.get('prompt_tokens')} "
+              f"cached {cached}", flush=True)
+        msgs.append({"role": "assistant", "content": text(t.generated)})
+    return rows, starts
+
+
 def run(args) -> dict:
     info = C.machine_info()
     path = C.model_path(args.preset, args.model_dir)
@@ -124,23 +150,10 @@ def run(args) -> dict:
     try:
         for kind in args.servers:
             srv = Server(kind, path, budget, work / f"store-{kind}", work / f"{kind}.log", args.block_size)
-            rows, starts = [], [srv.start()]
-            convo = {}
-            for t in turns:
-                if t.index == len(turns) // 2:
-                    srv.stop()
-                    starts.append(srv.start())
-                msgs = convo.setdefault(t.session, [{"role": "system", "content": system}])
-                msgs.append({"role": "user", "content": text(t.prompt[-t.new_tokens:])})
-                dt, resp = srv.chat(msgs)
-                usage = resp.get("usage", {})
-                cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
-                rows.append({"index": t.index, "session": t.session, "turn": t.turn, "ttft": dt,
-                             "prompt_tokens": usage.get("prompt_tokens"), "cached_tokens": cached})
-                print(f"  {kind:16s} #{t.index:2d} s{t.session} ttft {dt:.3f}s prompt {usage.get('prompt_tokens')} cached {cached}",
-                      flush=True)
-                msgs.append({"role": "assistant", "content": text(t.generated)})
-            srv.stop()
+            try:
+                rows, starts = _drive(srv, turns, system, text, kind)
+            finally:
+                srv.stop()  # never leave a server behind, also on errors
             half = len(turns) // 2
             ttfts = [r["ttft"] for r in rows]
             post = [r["ttft"] for r in rows[half:]]
