@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -36,61 +33,10 @@ from pathlib import Path
 
 import httpx
 
+from tools.server_process import ServerProcess as Server
+
 ROOT = Path(__file__).resolve().parent.parent
 ALLOWED_AFTER_CRASH = {"orphan_file", "temp_file"}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """One ``server.cli`` subprocess bound to 127.0.0.1."""
-
-    def __init__(self, args: list[str], log_path: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self._log = open(log_path, "ab")
-        env = dict(os.environ)
-        env.pop("TIERCACHE_API_KEY", None)
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        cmd = [sys.executable, "-m", "server.cli", "--host", "127.0.0.1",
-               "--port", str(self.port), *args]
-        self.proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
-
-    def wait_healthy(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return False
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return True
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        return False
-
-    def kill9(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-        self._log.close()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
-        return self.proc.returncode
 
 
 def make_prompts(n: int, seed: int, vocab: int = 512) -> list[list[int]]:

@@ -16,10 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 import warnings
@@ -30,7 +26,8 @@ import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-ROOT = Path(__file__).resolve().parent.parent
+from tools.server_process import ServerProcess
+
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
@@ -170,12 +167,6 @@ def run_fuzz(url: str, examples: int, seconds: float, seed: int) -> dict:
     }
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="start a server on this model folder")
@@ -190,42 +181,23 @@ def main(argv=None) -> int:
         ap.error("give --model or --url")
     if not 1 <= args.examples <= 100000:
         ap.error("--examples must be 1..100000")
-    proc = log = None
+    srv = None
     url = args.url
     if url is None:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        env = dict(os.environ)
-        env.pop("TIERCACHE_API_KEY", None)
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        cmd = [sys.executable, "-m", "server.cli", "--host", "127.0.0.1", "--port", str(port),
-               "--model", args.model, "--max-tokens", "4", "--log-level", "WARNING"]
+        flags = ["--model", args.model, "--max-tokens", "4", "--log-level", "WARNING"]
         if args.disk_dir:
-            cmd += ["--disk-dir", args.disk_dir, "--block-size", "16"]
-        log = open(os.devnull, "wb")
-        proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                print("server did not start", file=sys.stderr)
-                return 2
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+            flags += ["--disk-dir", args.disk_dir, "--block-size", "16"]
+        srv = ServerProcess(flags)
+        if not srv.wait_healthy(120):
+            srv.stop()
+            print("server did not start", file=sys.stderr)
+            return 2
+        url = srv.url
     try:
         summary = run_fuzz(url, args.examples, args.seconds, args.seed)
     finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-            log.close()
+        if srv is not None:
+            srv.stop()
     text = json.dumps(summary, indent=2)
     print(text)
     if args.json_out:

@@ -15,11 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -28,13 +24,8 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
+from tools.server_process import ServerProcess
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def proc_mem(pid: int) -> tuple[int, int]:
@@ -159,28 +150,16 @@ def model_bytes(model: str) -> int:
 
 def run(args) -> dict:
     disk = args.disk_dir or tempfile.mkdtemp(prefix="tiercache-load-")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(args.log or os.path.join(disk + "-server.log"), "ab")
-    env = dict(os.environ)
-    env.pop("TIERCACHE_API_KEY", None)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "server.cli", "--host", "127.0.0.1", "--port", str(port),
-           "--model", args.model, "--disk-dir", disk, "--prompt-cache-bytes",
-           args.prompt_cache_bytes, "--block-size", str(args.block_size),
-           "--max-queue", str(args.max_queue), "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=log, stderr=subprocess.STDOUT)
+    srv = ServerProcess(
+        ["--model", args.model, "--disk-dir", disk, "--prompt-cache-bytes", args.prompt_cache_bytes,
+         "--block-size", str(args.block_size), "--max-queue", str(args.max_queue),
+         "--log-level", "WARNING"],
+        Path(args.log or disk + "-server.log"),
+    )
+    proc, url = srv.proc, srv.url
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        if not srv.wait_healthy(120):
+            raise RuntimeError("server did not start")
         idle_rss, _ = proc_mem(proc.pid)
         stats = Stats()
         samples = {"rss_max": 0, "queue_bytes_max": 0, "queue_pending_max": 0,
@@ -251,14 +230,7 @@ def run(args) -> dict:
             "stats_scrape_errors": samples["scrape_errors"],
         }
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        log.close()
+        srv.stop()
 
 
 def main(argv=None) -> int:
