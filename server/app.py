@@ -106,6 +106,26 @@ class BodyLimit:
         return await self.app(scope, limited_receive, send)
 
 
+class JsonByDefault:
+    """ASGI middleware reading POST bodies as JSON whatever their content type.
+
+    ``curl -d`` sends ``application/x-www-form-urlencoded`` unless told
+    otherwise; FastAPI would then not parse the body at all and answer a
+    confusing 422. Like OpenAI and mlx_lm.server, every POST body here is JSON.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("method") == "POST":
+            headers = [(k, v) for k, v in scope.get("headers", ()) if k != b"content-type"]
+            ctype = next((v for k, v in scope.get("headers", ()) if k == b"content-type"), b"")
+            if b"json" not in ctype.lower():
+                scope = dict(scope, headers=headers + [(b"content-type", b"application/json")])
+        return await self.app(scope, receive, send)
+
+
 def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
     """Build the application; the worker starts with the app's lifespan.
 
@@ -140,6 +160,7 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
 
     app = FastAPI(title="tiercache", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine, app.state.worker, app.state.metrics = engine, worker, metrics
+    app.add_middleware(JsonByDefault)
     app.add_middleware(BodyLimit)
     app.add_middleware(CountRequests, metrics=metrics)
     install_handlers(app)

@@ -296,6 +296,7 @@ def validate_config(cfg: ServerConfig) -> None:
             raise ConfigError(f"--disk-dir: cannot create {cfg.disk_dir!r}: {exc.strerror}")
         if not os.access(path, os.W_OK):
             raise ConfigError(f"--disk-dir: {cfg.disk_dir!r} is not writable")
+        _check_store(path, cfg.block_size)
         cfg.disk_dir = str(path)
     elif cfg.disk_bytes is not None:
         logging.getLogger(__name__).warning("--disk-bytes has no effect without --disk-dir")
@@ -307,6 +308,29 @@ def validate_config(cfg: ServerConfig) -> None:
         raise ConfigError("--writer-queue-bytes must be greater than 0")
     if cfg.api_key is not None and cfg.api_key.strip() == "":
         raise ConfigError("--api-key must not be empty")
+
+
+def _check_store(path: Path, block_size: int) -> None:
+    """Refuse a disk dir the cache could not open: foreign files, another block
+    size, a newer format, a corrupt index (found now rather than after startup).
+
+    Raises:
+        ConfigError: With the store's own one-line explanation.
+    """
+    from tiercache.disk import BLOCKS_DIR, CHECKPOINTS_DIR, INDEX_DIR, DiskStore, StoreError
+
+    if not (path / INDEX_DIR).exists():
+        if any(p.name not in (BLOCKS_DIR, CHECKPOINTS_DIR) for p in path.iterdir()):
+            raise ConfigError(f"--disk-dir: {str(path)!r} is not empty and is not a "
+                              "tiercache store")
+        return
+    try:
+        DiskStore(path, block_size=block_size, readonly=True, create=False).close()
+    except (StoreError, ValueError, OSError) as exc:
+        detail = " ".join(str(exc).split())
+        if "block size" in detail:
+            detail += " (pass that --block-size, or use another --disk-dir)"
+        raise ConfigError(f"--disk-dir: {detail}") from None
 
 
 def main_error(message: str, prog: str = "tiercache-server") -> None:

@@ -165,6 +165,9 @@ class Engine:
             write_policy=cfg.write_policy,
             prewarm_bytes=cfg.prewarm_bytes,
             writer_queue_bytes=cfg.writer_queue_bytes,
+            # Every request re-inserts what it computed, so a disk hit needn't also
+            # stay in memory (that copy would make the first decode step copy it all).
+            keep_promoted=False,
         )
         ns = self.cache.register_model(self.model_key, path, model)
         self.namespace = bytes(ns).hex() if ns is not None else None
@@ -249,7 +252,11 @@ class Engine:
     def prompt_tokens(self, prompt: Any) -> list[int]:
         """Tokenize a completion prompt (string) or pass token ids through."""
         if isinstance(prompt, str):
-            return list(self.tokenizer.encode(prompt))
+            try:
+                return list(self.tokenizer.encode(prompt))
+            except Exception as exc:  # e.g. a lone surrogate: the request's fault
+                raise RequestError(f"the prompt cannot be tokenized: {exc}", "prompt",
+                                   "invalid_prompt") from None
         return [int(t) for t in prompt]
 
     def resolve_max_tokens(self, tokens: Sequence[int], requested: int | None) -> int:
