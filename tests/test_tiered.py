@@ -9,6 +9,7 @@ import random
 import threading
 import time
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import random_tokens
@@ -245,9 +246,10 @@ def test_prewarm_restores_recent_snapshots_into_memory(tiny_llama, tiny_llama_pa
     tc.insert_cache(key, salted, _snap(model, salted), salt="tenant")
     assert tc.close(flush_timeout=30)
     # Budget for about two of the three snapshots: the two most recent win.
-    # Restored buffers hold exactly their rows (no 256-token padding).
-    per_token = sum(2 * c.keys[..., :1, :].nbytes for c in _snap(model, seqs[0]))
-    budget = per_token * (len(seqs[2]) + len(seqs[1]))
+    # Restored buffers are rounded up to 256 rows (room for the next tokens), so
+    # each of these short snapshots restores to 256 rows.
+    per_row = sum(2 * c.keys[..., :1, :].nbytes for c in _snap(model, seqs[0]))
+    budget = 2 * 256 * per_row
     tc = _tc(tmp_path, prewarm_bytes=budget)
     assert len(tc) == 0
     tc.register_model(key, tiny_llama_path, model)
@@ -483,4 +485,43 @@ def test_snapshot_not_matching_its_tokens_is_refused(tiny_llama, tiny_llama_path
     cache, rem = tc.fetch_nearest_cache(key, toks + [5, 6])
     assert cache is None and tc.stats()["rejected_inserts"] == 1
     assert tc.stats()["disk"]["entries"] == 0
+    assert tc.close()
+
+
+def _buffer_address(layer) -> int:
+    mx.eval(layer.keys)
+    return np.array(layer.keys, copy=False).ctypes.data
+
+
+def test_hits_decode_in_place(tiny_llama, tiny_llama_path, tmp_path):
+    """A disk hit (keep_promoted=False) and a memory handover after the writer is
+    done give the caller buffers with spare rows that nobody else holds: the next
+    tokens are written in place, no copy of the snapshot."""
+    model, _ = tiny_llama
+    key = str(tiny_llama_path)
+    t = random_tokens(300, seed=77)
+    tc = _tc(tmp_path, keep_promoted=False)
+    tc.insert_cache(key, t, _snap(model, t))
+    assert tc.flush(30)
+    tc.clear("memory")
+    q = t + [5, 6]
+    cache, rem = tc.fetch_nearest_cache(key, q)
+    assert tc.last_fetch.source == "disk" and len(tc.memory) == 0
+    assert all(c.keys.shape[2] % 256 == 0 and c.keys.shape[2] > c.offset for c in cache)
+    before = [_buffer_address(c) for c in cache]
+    out = model(mx.array([rem]), cache=cache)
+    mx.eval(out)
+    assert [_buffer_address(c) for c in cache] == before
+    np.testing.assert_allclose(
+        np.array(out[0, -1]), np.array(prefill(model, q, make_prompt_cache(model))), atol=1e-5
+    )
+    # Memory handover of a snapshot the writer already wrote: also in place.
+    full = q + [7]
+    tc.insert_cache(key, q, cache)
+    assert tc.flush(30)
+    cache, rem = tc.fetch_nearest_cache(key, full)
+    assert tc.last_fetch.source == "memory" and rem == [7]
+    before = [_buffer_address(c) for c in cache]
+    mx.eval(model(mx.array([rem]), cache=cache))
+    assert [_buffer_address(c) for c in cache] == before
     assert tc.close()

@@ -108,6 +108,14 @@ def export_mlx_lm(store: DiskStore, what: Any, out_path: str | os.PathLike) -> E
     if plan.n_tokens == 0:
         raise InteropError("nothing to export: the prefix holds no tokens")
     cache = store.restore(plan)
+    # Restored buffers carry spare rows for decoding; the file holds live rows only.
+    for layer in cache:
+        if type(layer).__name__ == "KVCache" and layer.keys.shape[2] > layer.offset:
+            layer.keys = layer.keys[..., : layer.offset, :]
+            layer.values = layer.values[..., : layer.offset, :]
+        elif type(layer).__name__ == "QuantizedKVCache" and layer.keys[0].shape[2] > layer.offset:
+            layer.keys = tuple(a[..., : layer.offset, :] for a in layer.keys)
+            layer.values = tuple(a[..., : layer.offset, :] for a in layer.values)
     model = ((store.namespaces().get(plan.namespace) or {}).get("model") or {}).get("path", "")
     meta = {
         "tiercache": EXPORT_TAG,

@@ -28,6 +28,10 @@ from .blockfile import as_numpy, dtype_name
 
 SPLITTABLE = ("KVCache", "QuantizedKVCache", "ConcatenateKVCache")
 
+#: Restored buffers are rounded up to this many rows (mlx-lm's KVCache.step), so
+#: the next tokens are written in place instead of growing the buffer.
+ROW_STEP = mlc.KVCache.step
+
 #: Classes we are willing to build when reading a file. Nothing else is ever instantiated.
 ALLOWED_CLASSES = {
     "KVCache": mlc.KVCache,
@@ -189,7 +193,8 @@ def kv_suffixes(desc: dict) -> list[str]:
 
 
 def build_splittable(desc: dict, arrays: dict[str, mx.array], n_tokens: int) -> Any:
-    """Rebuilds a splittable layer whose arrays hold exactly ``n_tokens`` rows."""
+    """Rebuilds a splittable layer whose arrays hold ``n_tokens`` live rows (KVCache and
+    QuantizedKVCache buffers may have spare rows after them)."""
     cls = ALLOWED_CLASSES[desc["class"]]
     if desc["class"] == "QuantizedKVCache":
         layer = cls(group_size=desc["group_size"], bits=desc["bits"])

@@ -1,7 +1,7 @@
 """Restoring a plan: files read straight into MLX buffers, every byte checksummed.
 
 One copy on the whole path: each layer's destination is allocated once with
-``mx.empty`` for the plan's total length, and every (batch, head) plane of every
+``mx.empty`` for the plan's total length (rounded up to mlx-lm's 256-row step), and every (batch, head) plane of every
 block file is ``readinto`` its place through a zero-copy numpy view, hashed as it
 streams. No concatenation, no intermediate arrays. Files are announced to the
 kernel first (``posix_fadvise(WILLNEED)``) so a cold restore reads ahead.
@@ -64,7 +64,16 @@ def read_plan(plan: RestorePlan, file_path: Callable[[Record], Path]) -> list | 
     if plan.n_tokens == 0:
         return None
     desc = plan.layer_desc
-    split = {i for i, d in enumerate(desc) if L.is_splittable(d)}
+    # Rows to allocate per splittable layer: room for the next tokens, so the first
+    # decode step writes in place instead of making mlx-lm's KVCache concatenate
+    # (a copy of the whole snapshot). ConcatenateKVCache reads its length from its
+    # buffer, so it gets exactly its rows.
+    split = {
+        i: n_alloc if d["class"] != "ConcatenateKVCache" else plan.n_tokens
+        for i, d in enumerate(desc)
+        if L.is_splittable(d)
+        for n_alloc in [-(-plan.n_tokens // L.ROW_STEP) * L.ROW_STEP]
+    }
     n_total = plan.n_tokens
     dests: dict[tuple[int, str], tuple[mx.array, np.ndarray]] = {}
     states: dict[str, dict] = {}
@@ -117,8 +126,10 @@ def _read_record(path, rec, use, row, n_total, split, dests, state_arrays):
                 raise BlockFileError(f"unexpected tensor {name} {shape}")
             key = (li, suffix)
             if key not in dests:
-                dest = mx.empty((shape[0], shape[1], n_total, shape[3]), dtype=mx_dtype(dt))
-                dests[key] = (dest, as_numpy(dest))
+                dest = mx.empty((shape[0], shape[1], split[li], shape[3]), dtype=mx_dtype(dt))
+                view = as_numpy(dest)
+                view[:, :, n_total:] = 0  # never expose stale allocator memory
+                dests[key] = (dest, view)
             dview = dests[key][1]
             if dview.shape[:2] != tuple(shape[:2]) or dview.shape[3] != shape[3]:
                 raise BlockFileError(f"tensor {name} shape {shape} differs between files")

@@ -32,7 +32,8 @@ import mlx.core as mx
 from . import layers as L
 from .disk import DiskStore
 from .restore import RestoreError
-from .hashing import Namespace, chain_root, model_files_fingerprint, salt_bytes
+from .hashing import Namespace, chain_root, checkpoint_id, model_files_fingerprint, next_hash, salt_bytes
+from .index import KIND_BLOCK
 from .memory import MemoryPromptCache
 from .namespaces import cache_arrays, model_namespace, model_path_of
 from .writer import BackgroundWriter, WriteJob
@@ -70,6 +71,22 @@ class FetchInfo:
         return "memory" if self.memory_tokens else "none"
 
 
+def _chain_ids_match(chain, root, ns, block_size: int) -> bool:
+    """True if every record of ``chain`` (root to end) is keyed by the hash of its own
+    tokens: blocks by the chain hash, the last tail/checkpoint by its checkpoint id."""
+    parent = root
+    for rec in chain:
+        if rec.namespace != ns or rec.parent != parent:
+            return False
+        if rec.kind == KIND_BLOCK:
+            if rec.n_tokens != block_size or next_hash(parent, rec.tokens) != rec.id:
+                return False
+        elif rec.id != checkpoint_id(parent, rec.token_list):
+            return False
+        parent = rec.id
+    return True
+
+
 def _offset_mismatch(prompt_cache: list, n: int):
     """``(layer, offset)`` of the first layer whose integer ``offset`` isn't ``n``, or None."""
     for i, layer in enumerate(prompt_cache):
@@ -100,6 +117,11 @@ class TieredPromptCache:
             oldest pending writes are dropped and counted.
         handover: give trimmable memory entries to the caller instead of cloning
             them (the caller re-inserts the extended snapshot; see memory.py).
+        keep_promoted: also keep a disk hit in memory, so the same lookup again is
+            a memory hit. The memory copy shares the caller's buffers, so the
+            caller's first write copies them (MLX copy-on-write); a caller that
+            re-inserts what it computed anyway (the server) passes False and
+            writes in place.
     """
 
     def __init__(
@@ -115,6 +137,7 @@ class TieredPromptCache:
         min_promote_tokens: int | None = None,
         writer_queue_bytes: int = 2 << 30,
         handover: bool = True,
+        keep_promoted: bool = True,
     ):
         if write_policy not in WRITE_POLICIES:
             raise ValueError(f"write_policy must be one of {WRITE_POLICIES}, not {write_policy!r}")
@@ -122,6 +145,7 @@ class TieredPromptCache:
             raise ValueError("max_size and max_bytes must be >= 0")
         self.write_policy = write_policy
         self.handover = handover
+        self.keep_promoted = keep_promoted
         self.memory = MemoryPromptCache(max_size, max_bytes, on_evict=self._on_evict)
         self.disk: DiskStore | None = None
         self.writer: BackgroundWriter | None = None
@@ -244,26 +268,40 @@ class TieredPromptCache:
         # The disk is asked only when it could win: beat memory by min_promote_tokens
         # (any disk hit counts when memory has nothing).
         plans = []
-        if self.disk is not None and (mem_n == 0 or limit - mem_n >= max(1, self.min_promote_tokens)):
-            for ns in self._namespaces(model):
-                plan = self.disk.longest_prefix(ns, tokens, salt=sb, limit=limit)
-                if plan.n_tokens:
-                    plans.append(plan)
-        disk_best = max((p.n_tokens for p in plans), default=0)
-        if disk_best > mem_n and (mem_n == 0 or disk_best - mem_n >= self.min_promote_tokens):
-            t0 = time.perf_counter()
-            cache, n = self._restore(plans, tokens, sb, limit)
-            dt = time.perf_counter() - t0
-            if cache is not None and n > mem_n:
-                if hit is not None and hit.prompt_cache is not None:
-                    self._give_back(model, sb, tokens, hit)
+        cache, n, dt = None, 0, 0.0
+        # The disk tier is best effort: an LMDB error, a closed store (server
+        # shutdown while a request is served) or an unexpected file must never
+        # raise into the generation thread, nor lose the memory entry that may
+        # already have been handed over above. Any failure is a disk miss.
+        try:
+            if (
+                self.disk is not None
+                and not self._closed
+                and (mem_n == 0 or limit - mem_n >= max(1, self.min_promote_tokens))
+            ):
+                for ns in self._namespaces(model):
+                    plan = self.disk.longest_prefix(ns, tokens, salt=sb, limit=limit)
+                    if plan.n_tokens:
+                        plans.append(plan)
+            disk_best = max((p.n_tokens for p in plans), default=0)
+            if disk_best > mem_n and (mem_n == 0 or disk_best - mem_n >= self.min_promote_tokens):
+                t0 = time.perf_counter()
+                cache, n = self._restore(plans, tokens, sb, limit)
+                dt = time.perf_counter() - t0
+        except Exception as e:
+            log.warning("disk lookup failed (serving from memory): %s", e)
+            cache, n = None, 0
+        if cache is not None and n > mem_n:
+            if hit is not None and hit.prompt_cache is not None:
+                self._give_back(model, sb, tokens, hit)
+            if self.keep_promoted:
                 self.memory.insert((model, sb), tokens[:n], cache, cache_type="user")
-                info.disk_tokens, info.restore_seconds = n, dt
-                self.counters["disk_hits"] += 1
-                self.counters["disk_hit_tokens"] += n
-                self.counters["promotions"] += 1
-                self.counters["restore_seconds"] += dt
-                return cache, list(tokens[n:])
+            info.disk_tokens, info.restore_seconds = n, dt
+            self.counters["disk_hits"] += 1
+            self.counters["disk_hit_tokens"] += n
+            self.counters["promotions"] += 1
+            self.counters["restore_seconds"] += dt
+            return cache, list(tokens[n:])
         if hit is None:
             return None, list(tokens)
         info.memory_tokens = mem_n
@@ -314,12 +352,17 @@ class TieredPromptCache:
         self.memory.insert((model, sb), tokens, prompt_cache, cache_type=cache_type)
 
     def _submit(self, model, salt, tokens, prompt_cache) -> None:
+        if self._closed:
+            return  # the store is closed (shutdown): memory only from now on
         try:
             ns = self._namespace_for_insert(model, prompt_cache)
             if ns is None:
                 return
             host = L.to_host(prompt_cache)
-        except (L.UnsupportedCacheError, ValueError, OSError) as e:
+        except Exception as e:
+            # Registering a namespace touches LMDB (lmdb.Error, IndexError_ when the
+            # map can't grow or the disk is full): persisting is best effort and must
+            # never raise into the generation thread.
             log.warning("snapshot not persisted: %s", e)
             return
         nbytes = sum(c.nbytes for c in prompt_cache)
@@ -469,7 +512,11 @@ class TieredPromptCache:
                     break
                 try:
                     chain = chain_of(view, rec)
-                    if chain[0].parent != root:
+                    if chain[0].parent != root or not _chain_ids_match(chain, root, ns, self.disk.block_size):
+                        # Salted, or the index holds tokens that don't hash to their
+                        # record's id (damage, poisoning): keying memory by those
+                        # tokens would serve KV of other tokens. Lookups compare
+                        # tokens against the query's hashes; prewarm must too.
                         continue
                     cache = self.disk.restore(plan_for(self.disk, view, rec))
                 except (ValueError, RestoreError):

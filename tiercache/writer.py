@@ -122,6 +122,9 @@ class BackgroundWriter:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
+            # Drop our views now: while they live, the snapshot's MLX buffers stay
+            # shared and the caller's next in-place write would copy them whole.
+            job = None
 
     def _run_idle(self) -> None:
         if self._idle is None:
