@@ -238,17 +238,21 @@ class HashingReader:
             raise BlockFileError(f"size {size} != recorded {expected_size}")
         self.size = size
         self.h = xxhash.xxh3_64()
-        raw8 = self._read_exact(8)
-        (n,) = struct.unpack("<Q", raw8)
-        if n > min(size, 100 << 20):
+        try:  # a file truncated inside its header must not leak the descriptor
+            raw8 = self._read_exact(8)
+            (n,) = struct.unpack("<Q", raw8)
+            if n > min(size, 100 << 20):
+                raise BlockFileError("bad header length")
+            raw = self._read_exact(n)
+            try:
+                self.header = json.loads(raw)
+            except ValueError:
+                raise BlockFileError("bad header") from None
+            if not isinstance(self.header, dict):
+                raise BlockFileError("bad header")
+        except BaseException:
             self.close()
-            raise BlockFileError("bad header length")
-        raw = self._read_exact(n)
-        try:
-            self.header = json.loads(raw)
-        except ValueError:
-            self.close()
-            raise BlockFileError("bad header") from None
+            raise
         self.data_start = 8 + n
         self.pos = 0  # position inside the data section
 
