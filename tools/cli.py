@@ -18,11 +18,13 @@ import os
 import re
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import click
+
+from tools.prompts import prompt_tokens, read_prompts
+from tools.render import console, emit, human_size, human_time, iso, print_table, short
 
 EXIT_PROBLEMS = 1
 EXIT_ERROR = 2
@@ -117,69 +119,6 @@ SIZE = SizeType()
 DURATION = DurationType()
 
 
-# --- human formatting ---------------------------------------------------------------------
-
-
-def human_size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    n = int(n)
-    units = ["B", "KiB", "MiB", "GiB", "TiB"]
-    i = 0
-    x = float(n)
-    while abs(x) >= 1024 and i < len(units) - 1:
-        x /= 1024
-        i += 1
-    return f"{n} B" if i == 0 else f"{x:.1f} {units[i]}"
-
-
-def human_time(t: float | None, now: float | None = None) -> str:
-    if t is None:
-        return "-"
-    now = time.time() if now is None else now
-    d = now - t
-    if d < 0:
-        return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M")
-    for limit, div, unit in ((60, 1, "s"), (3600, 60, "m"), (86400, 3600, "h"), (86400 * 60, 86400, "d")):
-        if d < limit:
-            return f"{int(d // div)}{unit} ago"
-    return datetime.fromtimestamp(t).strftime("%Y-%m-%d")
-
-
-def _iso(t: float | None) -> str | None:
-    return None if t is None else datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")
-
-
-def _console(stderr: bool = False):
-    from rich.console import Console
-
-    stream = sys.stderr if stderr else sys.stdout
-    width = None if stream.isatty() else 200
-    return Console(file=stream, width=width, soft_wrap=False, highlight=False)
-
-
-def print_table(columns: list[tuple[str, str]], rows: Iterable[dict], title: str | None = None) -> None:
-    """An aligned table; ``columns`` = ``[(header, key)]``; numbers right-aligned."""
-    from rich import box
-    from rich.table import Table
-
-    rows = list(rows)
-    t = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left", pad_edge=False)
-    for header, key in columns:
-        numeric = any(isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool) for r in rows)
-        t.add_column(header, justify="right" if numeric else "left", overflow="fold")
-    for r in rows:
-        t.add_row(*["" if r.get(k) is None else str(r.get(k)) for _, k in columns])
-    _console().print(t)
-
-
-def emit(data: Any, table: bool, render: Callable[[Any], None]) -> None:
-    if table:
-        render(data)
-    else:
-        click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
-
-
 # --- store access -------------------------------------------------------------------------
 
 
@@ -258,7 +197,7 @@ def stats(ctx, dir, budget, table):
     with open_store(dir) as store:
         data = I.store_stats(store, I.load_view(store), budget=budget)
     for e in data["namespaces"] + [data["total"]]:
-        e["oldest_access_iso"], e["newest_access_iso"] = _iso(e["oldest_access"]), _iso(e["newest_access"])
+        e["oldest_access_iso"], e["newest_access_iso"] = iso(e["oldest_access"]), iso(e["newest_access"])
 
     def render(d):
         now = time.time()
@@ -317,7 +256,7 @@ def ls(ctx, dir, namespace, sort, limit, words, table):
     if limit is not None:
         rows = rows[:limit]
     for r in rows:
-        r["last_access_iso"] = _iso(r["last_access"])
+        r["last_access_iso"] = iso(r["last_access"])
 
     def render(rows):
         now = time.time()
@@ -325,17 +264,11 @@ def ls(ctx, dir, namespace, sort, limit, words, table):
             [("id", "id8"), ("kind", "kind"), ("tokens", "tokens"), ("size", "size"), ("last access", "when"),
              ("hits", "hits"), ("text", "text")],
             [dict(r, id8=r["id"][:12], size=human_size(r["bytes"]), when=human_time(r["last_access"], now),
-                  text=_short(r.get("text") if "text" in r else r.get("token_ids")))
+                  text=short(r.get("text") if "text" in r else r.get("token_ids")))
              for r in rows],
         )
 
     emit(rows, _want_table(ctx, table), render)
-
-
-def _short(x: Any, n: int = 80) -> str:
-    s = x if isinstance(x, str) else json.dumps(x)
-    s = " ".join(s.split())
-    return s if len(s) <= n else s[: n - 1] + "…"
 
 
 @main.command()
@@ -360,7 +293,7 @@ def show(ctx, dir, id, table):
 
     def render(d):
         now = time.time()
-        con = _console()
+        con = console()
         con.print(f"prefix {d['id']}  ({d['kind']}, {d['tokens']} tokens, {human_size(d['bytes'])}, "
                   f"last access {human_time(d['last_access'], now)}, {d['hits']} hits)")
         con.print(f"namespace {d['namespace']}  model {d.get('model') or '?'}")
@@ -446,7 +379,7 @@ def verify(ctx, dir, fix, temp_grace, table):
     }
 
     def render(d):
-        con = _console()
+        con = console()
         if d["problems"]:
             print_table([("problem", "kind"), ("target", "target"), ("detail", "detail")], d["problems"])
         if d["clean"]:
@@ -590,47 +523,6 @@ def import_cmd(ctx, dir, file, model, tokens, block_size, table):
         [dict(d, w=human_size(d["bytes_written"]))]))
 
 
-def read_prompts(path: str) -> list[dict]:
-    """Prompts from a JSONL file: ``{"messages": [...]}``, ``{"text": "..."}``, a JSON
-    string, or (for a line that isn't JSON) the line itself as plain text."""
-    out = []
-    p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise CliError(f"{path}: no such file") from None
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            obj = line
-        if isinstance(obj, str):
-            out.append({"text": obj})
-        elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
-            out.append({"messages": obj["messages"]})
-        elif isinstance(obj, dict) and isinstance(obj.get("text", obj.get("prompt")), str):
-            out.append({"text": obj.get("text", obj.get("prompt"))})
-        else:
-            raise CliError(f"{path}:{i}: expected {{\"messages\": [...]}}, {{\"text\": \"...\"}} or a string")
-    return out
-
-
-def prompt_tokens(tokenizer, prompt: dict) -> list[int]:
-    """Tokens exactly as the server makes them (chat template + generation prompt)."""
-    if "messages" in prompt:
-        msgs = prompt["messages"]
-        if getattr(tokenizer, "has_chat_template", False):
-            out = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-            if isinstance(out, dict) or hasattr(out, "keys"):
-                out = out["input_ids"]
-            return [int(t) for t in out]
-        text = "\n".join(f"{m['role']}: {m['content']}" for m in msgs) + "\nassistant:"
-        return list(tokenizer.encode(text))
-    return list(tokenizer.encode(prompt["text"]))
-
-
 @main.command()
 @click.argument("dir")
 @click.option("--model", "model_path", required=True, type=click.Path(exists=True, file_okay=False, path_type=str),
@@ -657,7 +549,13 @@ def warm(ctx, dir, model_path, prompts, prefill_step_size, block_size, disk_byte
     import mlx.core as mx
     import mlx_lm
     from mlx_lm.models.cache import make_prompt_cache
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     from tiercache.namespaces import model_namespace
 
@@ -670,7 +568,7 @@ def warm(ctx, dir, model_path, prompts, prefill_step_size, block_size, disk_byte
         ns = model_namespace(store, model_path, model)
         summary["namespace"] = ns.hex()
         progress = Progress(TextColumn("warming"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            console=_console(stderr=True), disable=not sys.stderr.isatty())
+                            console=console(stderr=True), disable=not sys.stderr.isatty())
         with progress:
             task = progress.add_task("warm", total=len(items))
             for item in items:
