@@ -140,3 +140,30 @@ def test_prewarm_never_serves_a_record_whose_tokens_do_not_match_its_hash(
             _gen_equals_cold(model, cache, query, rem)
     finally:
         tc.close()
+
+
+def test_disk_win_does_not_reinsert_a_cloned_memory_hit(tiny_llama, tiny_llama_path, tmp_path):
+    """When the disk beats a memory hit that was cloned (not handed over), the clone
+    must not be re-inserted: the entry is still in memory, so the "give back" only
+    adds a redundant trimmed copy and evicts a useful entry to make room."""
+    model, _ = tiny_llama
+    tc = TieredPromptCache(max_size=3, disk_dir=tmp_path / "d", block_size=B, keep_promoted=False)
+    try:
+        tc.register_model("m", tiny_llama_path, model)
+        t = random_tokens(24, seed=11)
+        tc.insert_cache("m", t[:20], _snap(model, t[:20]))
+        tc.flush()
+        other = random_tokens(10, seed=12)
+        diverging = t[:8] + random_tokens(6, seed=13)
+        third = random_tokens(9, seed=14)
+        for toks in (other, diverging, third):  # pushes t[:20] out of memory
+            tc.insert_cache("m", toks, _snap(model, toks))
+        held = {tuple(e[1]) for e in tc.memory.entries()}
+        assert tuple(t[:20]) not in held and len(held) == 3
+        cache, rem = tc.fetch_nearest_cache("m", t)
+        assert tc.last_fetch.source == "disk"
+        _gen_equals_cold(model, cache, t, rem)
+        after = {tuple(e[1]) for e in tc.memory.entries()}
+        assert after == held  # nothing evicted, no redundant t[:8] entry
+    finally:
+        tc.close()

@@ -68,11 +68,14 @@ class MemoryHit:
         prompt_cache: Caller-owned cache objects, already trimmed to ``n_tokens``.
         n_tokens: Number of leading query tokens the cache covers.
         cache_type: The cache type of the entry the hit came from.
+        handed_over: True if the entry was removed and given away (handover);
+            False if it stays stored and ``prompt_cache`` is a clone.
     """
 
     prompt_cache: list
     n_tokens: int
     cache_type: str
+    handed_over: bool = False
 
 
 # --------------------------------------------------------------------------
@@ -306,7 +309,7 @@ class MemoryPromptCache:
         # The objects are the caller's now: trimming needs no lock.
         if len(entry.tokens) > n_tokens:
             trim_prompt_cache(prompt_cache, len(entry.tokens) - n_tokens)
-        return MemoryHit(prompt_cache, n_tokens, entry.cache_type)
+        return MemoryHit(prompt_cache, n_tokens, entry.cache_type, give)
 
     def _search(self, root: _Node, q: tuple, limit: int):
         """Returns ``(entry, n_tokens)`` for the best usable entry, or None."""

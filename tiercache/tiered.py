@@ -318,7 +318,9 @@ class TieredPromptCache:
 
     def _give_back(self, model, salt, tokens, hit) -> None:
         """Re-inserts a handed-over memory entry the caller won't use."""
-        if hit.n_tokens:
+        # A cloned hit's entry is still stored: re-inserting the (trimmed) clone
+        # would only add a redundant entry and evict a useful one for it.
+        if hit.n_tokens and hit.handed_over:
             self.memory.insert((model, salt), tokens[: hit.n_tokens], hit.prompt_cache, cache_type=hit.cache_type)
 
     def insert_cache(
