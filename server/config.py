@@ -317,7 +317,13 @@ def _check_store(path: Path, block_size: int) -> None:
     Raises:
         ConfigError: With the store's own one-line explanation.
     """
-    from tiercache.disk import BLOCKS_DIR, CHECKPOINTS_DIR, INDEX_DIR, DiskStore, StoreError
+    from tiercache.disk import (
+        BLOCKS_DIR,
+        CHECKPOINTS_DIR,
+        INDEX_DIR,
+        DiskStore,
+        StoreError,
+    )
 
     if not (path / INDEX_DIR).exists():
         if any(p.name not in (BLOCKS_DIR, CHECKPOINTS_DIR) for p in path.iterdir()):
