@@ -108,7 +108,16 @@ def _patch(mlx_server) -> None:
             cache = _state["cache"]
             if cache is not None and self.model is not None:
                 try:
-                    cache.register_model(self.model_key, model_path, self.model)
+                    # The adapter and the draft model change the KV / add cache
+                    # layers: both are part of the namespace.
+                    cache.register_model(
+                        self.model_key,
+                        model_path,
+                        self.model,
+                        adapter_path=adapter_path,
+                        draft_model_path=draft_model_path,
+                        draft_model=getattr(self, "draft_model", None),
+                    )
                 except Exception:
                     logger.exception("tiercache: register_model failed")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 import subprocess
@@ -131,3 +132,47 @@ def test_model_files_fingerprint(tiny_llama_path, tmp_path):
     assert model_files_fingerprint(copy)[0] not in (fp, fp2)
     with pytest.raises(FileNotFoundError):
         model_files_fingerprint(tmp_path)
+
+
+def test_fine_tunes_with_identical_headers_get_different_namespaces(tiny_llama_path, tmp_path):
+    """Two fine-tunes of one architecture have byte-identical safetensors headers and
+    sizes: only the weights' content tells them apart, and it must."""
+    import shutil
+
+    import tiercache.hashing as hashing
+    from tiercache.disk import DiskStore
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(tiny_llama_path, a)
+    shutil.copytree(tiny_llama_path, b)
+    w = b / "model.safetensors"
+    raw = bytearray(w.read_bytes())
+    raw[-3] ^= 0x01  # one weight byte, same header, same size
+    w.write_bytes(bytes(raw))
+    assert model_files_fingerprint(a)[0] != model_files_fingerprint(b)[0]
+    # A store remembers digests by (path, size, mtime, inode): the second start
+    # reads nothing, and a changed file is hashed again.
+    store = DiskStore(tmp_path / "store")
+    calls = []
+    real = hashing.file_digest
+
+    def counting(path):
+        calls.append(path)
+        return real(path)
+
+    import tiercache.disk as disk_mod
+
+    orig = disk_mod.file_digest
+    disk_mod.file_digest = counting
+    try:
+        fp1 = model_files_fingerprint(b, store.file_digest)[0]
+        fp2 = model_files_fingerprint(b, store.file_digest)[0]
+        assert fp1 == fp2 == model_files_fingerprint(b)[0] and len(calls) == 1
+        raw[-3] ^= 0x01
+        w.write_bytes(bytes(raw))
+        os.utime(w, ns=(1, 1))  # a new mtime even on coarse clocks
+        assert model_files_fingerprint(b, store.file_digest)[0] == model_files_fingerprint(a)[0]
+        assert len(calls) == 2
+    finally:
+        disk_mod.file_digest = orig
+        store.close()

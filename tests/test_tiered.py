@@ -525,3 +525,48 @@ def test_hits_decode_in_place(tiny_llama, tiny_llama_path, tmp_path):
     mx.eval(model(mx.array([rem]), cache=cache))
     assert [_buffer_address(c) for c in cache] == before
     assert tc.close()
+
+
+def _fake_adapter(folder, seed):
+    """An adapter folder as mlx-lm writes one (config + safetensors weights)."""
+    from safetensors.numpy import save_file
+
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"fine_tune_type": "lora", "num_layers": 2}')
+    save_file({"lora_a": np.full((4, 4), seed, np.float32)}, str(folder / "adapters.safetensors"))
+    return folder
+
+
+def test_adapter_and_draft_are_part_of_the_namespace(tiny_llama, tiny_llama_path, tmp_path):
+    """mlx_lm.server keys are (model, adapter, draft): a LoRA changes every layer's
+    KV, so entries stored with an adapter must never serve the base model (or
+    another adapter), and a draft model's cache layers belong to the layout."""
+    model, _ = tiny_llama
+    base = (str(tiny_llama_path), None, None)
+    lora1 = (str(tiny_llama_path), str(_fake_adapter(tmp_path / "lora1", 1)), None)
+    lora2 = (str(tiny_llama_path), str(_fake_adapter(tmp_path / "lora2", 2)), None)
+    t = random_tokens(40, seed=31)
+    tc = _tc(tmp_path)
+    tc.insert_cache(lora1, t, _snap(model, t))
+    assert tc.flush(30)
+    tc.clear("memory")
+    for other in (base, lora2):
+        _, rem = tc.fetch_nearest_cache(other, t + [5])
+        assert tc.last_fetch.source == "none" and len(rem) == len(t) + 1
+    _, rem = tc.fetch_nearest_cache(lora1, t + [5])
+    assert tc.last_fetch.source == "disk" and rem == [5]
+    # register_model with the adapter binds the same namespace the key derives.
+    assert tc.register_model(lora1, tiny_llama_path, model, adapter_path=lora1[1]) == tc._namespaces(lora1)[0]
+    # A draft model adds its cache layers to the layout: main + draft layers
+    # round-trip through disk as one prompt cache.
+    spec = (str(tiny_llama_path), None, str(tiny_llama_path))
+    tc.register_model(spec, tiny_llama_path, model, draft_model_path=spec[2], draft_model=model)
+    both = _snap(model, t) + _snap(model, t)
+    tc.insert_cache(spec, t, both)
+    assert tc.flush(30)
+    tc.clear("memory")
+    cache, rem = tc.fetch_nearest_cache(spec, t + [5])
+    assert tc.last_fetch.source == "disk" and len(cache) == 2 * len(_snap(model, t))
+    _, rem = tc.fetch_nearest_cache(base, t + [5])
+    assert tc.last_fetch.source == "none"
+    assert tc.close()

@@ -39,6 +39,7 @@ from .hashing import (
     Namespace,
     chain_root,
     checkpoint_id,
+    file_digest,
     namespace_id,
     pack_tokens,
     packed_block_hashes,
@@ -220,6 +221,27 @@ class DiskStore:
                 return None
             self._desc_cache[ns] = d["layers"]
         return self._desc_cache[ns]
+
+    def file_digest(self, path: Path) -> bytes:
+        """Full-content digest of a weight file, remembered in the index by
+        (real path, size, mtime, inode) so unchanged models aren't re-read."""
+        real = os.path.realpath(path)
+        st = os.stat(real)
+        key = f"{real}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}".encode()
+        try:
+            with self.index.read() as txn:
+                known = txn.get(key, db=self.index.filehash)
+        except Exception:  # a store created before this sub-database: just hash
+            known = None
+        if known is not None and len(known) == 16:
+            return bytes(known)
+        digest = file_digest(Path(real))
+        if not self.readonly:
+            try:
+                self.index.write(lambda txn: txn.put(key, digest, db=self.index.filehash))
+            except Exception as e:  # remembering is an optimisation only
+                log.debug("could not remember a file digest: %s", e)
+        return digest
 
     # --- paths --------------------------------------------------------------------------
 

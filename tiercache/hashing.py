@@ -13,7 +13,7 @@ import os
 import struct
 import sys
 from pathlib import Path
-from typing import Iterable, NewType, Sequence
+from typing import Callable, Iterable, NewType, Sequence
 
 import numpy as np
 import xxhash
@@ -147,23 +147,47 @@ def checkpoint_id(parent: BlockHash, tail_tokens: Sequence[int]) -> bytes:
     return _digest(b"ckpt" + parent + pack_tokens(tail_tokens))
 
 
-def _safetensors_header(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return head
-        (n,) = struct.unpack("<Q", head)
-        return head + f.read(min(n, 100 << 20))
+_HF_BLOB = 64  # hex digits of the sha256 a Hugging Face cache names its blobs by
 
 
-def model_files_fingerprint(model_path: str | os.PathLike) -> tuple[bytes, dict]:
+def file_digest(path: Path) -> bytes:
+    """xxh3-128 of a file's whole content.
+
+    Weights must be hashed in full: two fine-tunes of one architecture (or two LoRA
+    adapters of one rank) have byte-identical safetensors headers and sizes, and
+    telling them apart is what keeps one's KV from being served to the other. A file
+    in a Hugging Face cache is a link to a blob named by its sha256: that name is
+    the content hash already, so nothing is read.
+    """
+    real = Path(os.path.realpath(path))
+    name = real.name
+    if len(name) == _HF_BLOB and all(c in "0123456789abcdef" for c in name) and "blobs" in real.parts:
+        return xxhash.xxh3_128_digest(b"hf-blob" + name.encode())
+    h = xxhash.xxh3_128()
+    buf = bytearray(8 << 20)
+    view = memoryview(buf)
+    with open(real, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    return h.digest()
+
+
+def model_files_fingerprint(
+    model_path: str | os.PathLike, digest: "Callable[[Path], bytes] | None" = None
+) -> tuple[bytes, dict]:
     """Fingerprint of a local model folder's files that determine its KV.
 
-    Covers config.json, the tokenizer files, and every ``*.safetensors`` file's
-    header and size (reading whole weight files would cost seconds per start).
+    Covers config.json, the tokenizer files, and the full content of every
+    ``*.safetensors`` file (see :func:`file_digest`).
 
     Args:
         model_path: a local mlx-lm model folder.
+        digest: how to hash a weight file; :meth:`tiercache.disk.DiskStore.file_digest`
+            remembers digests by (path, size, mtime, inode) so only the first start
+            after a change reads the weights.
 
     Returns:
         ``(16-byte digest, description)`` where description names the files used.
@@ -188,9 +212,28 @@ def model_files_fingerprint(model_path: str | os.PathLike) -> tuple[bytes, dict]
         p = root / name
         if p.is_file():
             add(name, p.read_bytes())
+    digest = digest or file_digest
     for p in sorted(root.glob("*.safetensors")):
-        add(p.name, _safetensors_header(p) + struct.pack("<Q", p.stat().st_size))
+        add(p.name, digest(p) + struct.pack("<Q", p.stat().st_size))
     return h.digest(), {"path": str(root.resolve()), "files": used}
+
+
+def adapter_files_fingerprint(
+    path: str | os.PathLike, digest: "Callable[[Path], bytes] | None" = None
+) -> bytes:
+    """Fingerprint of an adapter (a file, or a folder such as a LoRA's): every file's
+    full content (weights through ``digest``, see :func:`file_digest`)."""
+    digest = digest or file_digest
+    p = Path(path)
+    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+    if not files or not all(f.exists() for f in files):
+        raise FileNotFoundError(f"{p}: no adapter files")
+    h = xxhash.xxh3_128()
+    for f in files:
+        data = digest(f) + struct.pack("<Q", f.stat().st_size)
+        h.update(struct.pack("<Q", len(f.name)) + f.name.encode())
+        h.update(struct.pack("<Q", len(data)) + data)
+    return h.digest()
 
 
 def namespace_id(

@@ -15,6 +15,7 @@ Sub-databases:
 * ``modelfiles`` (dupsort): model-files fingerprint -> namespace, so a restarted
   process finds a model's namespaces before it has seen a cache.
 * ``meta``: ``format`` (JSON settings, checked on open) and ``total_bytes``.
+* ``filehash``: memoized weight-file digests (see ``DiskStore.file_digest``).
 
 Records are fixed binary structs, not JSON: lookups decode one per block, and a
 32K-token prompt walks 128 blocks in well under a millisecond.
@@ -150,6 +151,9 @@ class Index:
             self.namespaces = self.env.open_db(b"namespaces", create=not readonly)
             self.modelfiles = self.env.open_db(b"modelfiles", dupsort=True, create=not readonly)
             self.meta = self.env.open_db(b"meta", create=not readonly)
+            # Weight-file digests by (path, size, mtime, inode): hashing a model's
+            # weights in full is paid once, not at every start.
+            self.filehash = self.env.open_db(b"filehash", create=not readonly)
         except lmdb.Error as e:
             self.env.close()
             raise IndexError_(f"{path} is not a tiercache index: {e}") from None

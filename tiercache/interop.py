@@ -312,7 +312,7 @@ def import_mlx_lm(
         raise InteropError(f"{mp} is not a model folder (no config.json)")
     ns = None
     if model is None:
-        fp, _ = model_files_fingerprint(mp)
+        fp, _ = model_files_fingerprint(mp, store.file_digest)
         for cand in store.namespaces_for_files(fp):
             if store.layer_desc(cand) == desc:
                 ns = cand

@@ -15,7 +15,9 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
-from .hashing import Namespace, model_files_fingerprint
+import xxhash
+
+from .hashing import Namespace, adapter_files_fingerprint, model_files_fingerprint
 from .layers import describe_cache
 
 
@@ -44,6 +46,24 @@ def cache_arrays(obj: Any):
             yield from cache_arrays(v)
 
 
+def _local_model(ref: Any) -> Path | None:
+    """A local model folder for a path or an already-downloaded Hugging Face repo id."""
+    if not isinstance(ref, (str, os.PathLike)):
+        return None
+    p = Path(ref)
+    if (p / "config.json").is_file():
+        return p
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = Path(snapshot_download(str(ref), local_files_only=True))
+        if (local / "config.json").is_file():
+            return local
+    except Exception:
+        return None
+    return None
+
+
 def model_path_of(key: Any) -> Path | None:
     """The local model folder named by a cache key, if any.
 
@@ -52,22 +72,62 @@ def model_path_of(key: Any) -> Path | None:
     """
     if isinstance(key, tuple) and key:
         key = key[0]
-    if isinstance(key, (str, os.PathLike)):
-        p = Path(key)
-        if (p / "config.json").is_file():
-            return p
-        try:  # a Hugging Face repo id already in the local hub cache
-            from huggingface_hub import snapshot_download
-
-            local = Path(snapshot_download(str(key), local_files_only=True))
-            if (local / "config.json").is_file():
-                return local
-        except Exception:
-            return None
-    return None
+    return _local_model(key)
 
 
-def model_namespace(store, model_path: str | os.PathLike, model: Any = None, layer_desc=None) -> Namespace:
+def stack_fingerprint(
+    model_path, adapter_path=None, draft_model_path=None, digest=None
+) -> tuple[bytes, dict]:
+    """Fingerprint of everything that shapes the KV a server computes: the model's
+    files, plus an adapter's (a LoRA changes every layer's K/V) and a draft model's
+    (its cache layers are part of the prompt cache). Without adapter and draft it
+    equals :func:`tiercache.hashing.model_files_fingerprint`. ``digest`` hashes
+    weight files (a store's memoizing :meth:`~tiercache.disk.DiskStore.file_digest`).
+
+    Raises:
+        FileNotFoundError: a path that names no local files.
+    """
+    fp, desc = model_files_fingerprint(_local_model(model_path) or model_path, digest)
+    if adapter_path is None and draft_model_path is None:
+        return fp, desc
+    h = xxhash.xxh3_128()
+    h.update(b"tiercache-stack" + fp)
+    if adapter_path is not None:
+        h.update(b"adapter" + adapter_files_fingerprint(adapter_path, digest))
+        desc["adapter"] = str(adapter_path)
+    if draft_model_path is not None:
+        draft = _local_model(draft_model_path)
+        if draft is None:
+            raise FileNotFoundError(f"draft model {draft_model_path} is not local")
+        h.update(b"draft" + model_files_fingerprint(draft, digest)[0])
+        desc["draft_model"] = str(draft)
+    return h.digest(), desc
+
+
+def key_fingerprint(key: Any, digest=None) -> tuple[bytes, dict] | None:
+    """:func:`stack_fingerprint` of the model, adapter and draft a cache key names,
+    or None when they aren't all local files (such keys stay memory-only)."""
+    path = model_path_of(key)
+    if path is None:
+        return None
+    adapter = key[1] if isinstance(key, tuple) and len(key) > 1 else None
+    draft = key[2] if isinstance(key, tuple) and len(key) > 2 else None
+    try:
+        return stack_fingerprint(path, adapter, draft, digest)
+    except OSError:
+        return None
+
+
+def model_namespace(
+    store,
+    model_path: str | os.PathLike,
+    model: Any = None,
+    layer_desc=None,
+    *,
+    adapter_path=None,
+    draft_model_path=None,
+    draft_model: Any = None,
+) -> Namespace:
     """Registers (if new) and returns the namespace of a model in a store.
 
     Args:
@@ -76,10 +136,15 @@ def model_namespace(store, model_path: str | os.PathLike, model: Any = None, lay
         model: the loaded model, used to probe the cache layout when
             ``layer_desc`` is not given.
         layer_desc: the cache layout, if already known.
+        adapter_path: an adapter applied to the model (part of the fingerprint).
+        draft_model_path: a draft model whose cache layers follow the model's.
+        draft_model: the loaded draft model (its layers are probed too).
     """
-    fp, desc = model_files_fingerprint(model_path)
+    fp, desc = stack_fingerprint(model_path, adapter_path, draft_model_path, store.file_digest)
     if layer_desc is None:
         if model is None:
             raise ValueError("need the model or its layer description")
         layer_desc = probe_layer_desc(model)
+        if draft_model is not None:
+            layer_desc = layer_desc + probe_layer_desc(draft_model)
     return store.register_namespace(fp, layer_desc, desc)

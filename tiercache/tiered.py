@@ -32,10 +32,10 @@ import mlx.core as mx
 from . import layers as L
 from .disk import DiskStore
 from .restore import RestoreError
-from .hashing import Namespace, chain_root, checkpoint_id, model_files_fingerprint, next_hash, salt_bytes
+from .hashing import Namespace, chain_root, checkpoint_id, next_hash, salt_bytes
 from .index import KIND_BLOCK
 from .memory import MemoryPromptCache
-from .namespaces import cache_arrays, model_namespace, model_path_of
+from .namespaces import cache_arrays, key_fingerprint, model_namespace
 from .writer import BackgroundWriter, WriteJob
 
 log = logging.getLogger("tiercache")
@@ -177,11 +177,28 @@ class TieredPromptCache:
 
     # --- namespaces ---------------------------------------------------------------------
 
-    def register_model(self, key: Hashable, model_path, model: Any = None) -> Namespace | None:
-        """Binds a cache key to the namespace of a loaded model (probes its cache layout)."""
+    def register_model(
+        self,
+        key: Hashable,
+        model_path,
+        model: Any = None,
+        *,
+        adapter_path=None,
+        draft_model_path=None,
+        draft_model: Any = None,
+    ) -> Namespace | None:
+        """Binds a cache key to the namespace of a loaded model (probes its cache
+        layout). An adapter and a draft model are part of the namespace."""
         if self.disk is None:
             return None
-        ns = model_namespace(self.disk, model_path, model)
+        ns = model_namespace(
+            self.disk,
+            model_path,
+            model,
+            adapter_path=adapter_path,
+            draft_model_path=draft_model_path,
+            draft_model=draft_model,
+        )
         with self._ns_lock:
             self._ns_by_key[key] = ns
             start = self._prewarm_bytes > 0 and self._prewarm_thread is None
@@ -196,11 +213,7 @@ class TieredPromptCache:
 
     def _files(self, key: Hashable):
         if key not in self._files_fp:
-            path = model_path_of(key)
-            try:
-                self._files_fp[key] = model_files_fingerprint(path) if path else None
-            except OSError:
-                self._files_fp[key] = None
+            self._files_fp[key] = key_fingerprint(key, self.disk.file_digest)
             if self._files_fp[key] is None:
                 log.info("cache key %r names no local model folder: memory tier only", key)
         return self._files_fp[key]
