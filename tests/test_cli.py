@@ -368,6 +368,39 @@ def test_warm_then_lookup_hits(tmp_path, tiny_llama_path, tiny_llama):
     assert "warmed" in run("warm", d, "--model", tiny_llama_path, "--prompts", prompts, "--table").stdout
 
 
+def test_warm_hybrid_chat_splits_like_the_server(tmp_path, tiny_hybrid_path, tiny_hybrid):
+    """On a model with recurrent layers, warm prefills with the server's
+    chunk-boundary rule and stores checkpoints where the server would: at the last
+    user message's start and at the end. Restores equal a cold run split the same way."""
+    from tiercache.checkpoints import last_user_message_start, prefill_with_checkpoints
+
+    model, tok = tiny_hybrid
+    system = {"role": "system", "content": "You are a careful assistant. " * 6}
+    history = [system, {"role": "user", "content": "First question about ships."},
+               {"role": "assistant", "content": "Ships float."}]
+    messages = history + [{"role": "user", "content": "And what about boats?"}]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"messages": messages}) + "\n")
+    d = tmp_path / "warm"
+    res = jrun("warm", d, "--model", tiny_hybrid_path, "--prompts", prompts,
+               "--prefill-step-size", "16", "--block-size", "8")
+    assert res["warmed"] == 1
+    toks = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    start = last_user_message_start(tok, messages)
+    assert 8 <= start < len(toks) - 1
+    with DiskStore(d) as store:
+        ns = model_namespace(store, tiny_hybrid_path, model)
+        cache, n = store.fetch(ns, toks, limit=len(toks) - 1)
+        assert n == len(toks) - 1
+        cold = make_prompt_cache(model)
+        prefill_with_checkpoints(model, cold, toks[:-1], [start, len(toks) - 1], 16, offset=0)
+        assert greedy_continue(model, cache, toks[-1:], 8) == greedy_continue(model, cold, toks[-1:], 8)
+        # Another last question after the same history reuses the checkpoint.
+        other = list(tok.apply_chat_template(history + [{"role": "user", "content": "Why?"}],
+                                             add_generation_prompt=True, tokenize=True))
+        assert store.longest_prefix(ns, other, limit=len(other) - 1).n_tokens == start
+
+
 # --- alongside a running writer -----------------------------------------------------------------
 
 

@@ -548,7 +548,9 @@ def warm(ctx, dir, model_path, prompts, prefill_step_size, block_size, disk_byte
     """
     import mlx.core as mx
     import mlx_lm
-    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
+
+    from tiercache.checkpoints import CheckpointPolicy, last_user_message_start, prefill_with_checkpoints
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -580,14 +582,27 @@ def warm(ctx, dir, model_path, prompts, prefill_step_size, block_size, disk_byte
                     summary["skipped_cached"] += 1
                 else:
                     cache = make_prompt_cache(model)
-                    for s in range(0, len(target), prefill_step_size):
-                        model(mx.array(target[s : s + prefill_step_size])[None], cache=cache)
-                        mx.eval([c.state for c in cache])
-                    res = store.save(ns, target, cache)
+                    if can_trim_prompt_cache(cache):
+                        for s in range(0, len(target), prefill_step_size):
+                            model(mx.array(target[s : s + prefill_step_size])[None], cache=cache)
+                            mx.eval([c.state for c in cache])
+                        snaps = {len(target): cache}
+                    else:
+                        # Recurrent state depends on where prefill splits: split and
+                        # snapshot exactly where the server would (checkpoints.py).
+                        user_start = 0
+                        if "messages" in item:
+                            user_start = last_user_message_start(tokenizer, item["messages"])
+                        policy = CheckpointPolicy(min_tokens=store.block_size)
+                        stops = policy.stops(prompt_len=len(toks), user_start=user_start, trimmable=False)
+                        stops = sorted(set(stops) | {len(target)})
+                        snaps = prefill_with_checkpoints(model, cache, target, stops, prefill_step_size, offset=0)
+                    for pos in sorted(snaps):
+                        res = store.save(ns, toks[:pos], snaps[pos])
+                        summary["records_written"] += res.records_written
+                        summary["bytes_written"] += res.bytes_written
                     summary["warmed"] += 1
                     summary["tokens_prefilled"] += len(target)
-                    summary["records_written"] += res.records_written
-                    summary["bytes_written"] += res.bytes_written
                 progress.advance(task)
         summary["store_bytes"] = store.total_bytes()
     summary["seconds"] = round(time.time() - t0, 3)
