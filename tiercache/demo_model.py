@@ -69,7 +69,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-DEMO_MODEL_VERSION = "demo-model-v1"
+DEMO_MODEL_VERSION = "demo-model-v2"
 
 _LLAMA_COMMON = {
     "model_type": "llama",
@@ -92,6 +92,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "head_dim": 64,
         "vocab_size": 2048,
         "tie_word_embeddings": False,
+        # Agentic prompts (a 10-30K-token system prompt plus a conversation) must fit.
+        "max_position_embeddings": 32768,
     },
     "tiny-llama": {
         **_LLAMA_COMMON,
@@ -505,7 +507,7 @@ def build_model(
 def default_demo_model_path() -> Path:
     """Return the shared demo model folder, building it on first use.
 
-    The folder is ``$TIERCACHE_HOME/demo-model-v1`` (default home:
+    The folder is ``$TIERCACHE_HOME/demo-model-v2`` (default home:
     ``~/.cache/tiercache``).
 
     Returns:
