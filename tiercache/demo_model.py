@@ -466,7 +466,9 @@ def build_model(
         raise KeyError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     out = Path(out_dir).expanduser().absolute()
     if (out / "model.safetensors").exists() and not overwrite:
-        return out
+        if _is_current(out, preset, seed):
+            return out
+        overwrite = True  # built from an older preset or builder: rebuild
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -502,6 +504,22 @@ def build_model(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _is_current(out: Path, preset: str, seed: int) -> bool:
+    """True if ``out`` was built by this builder from this preset's config and seed."""
+    try:
+        info = json.loads((out / "tiercache_demo.json").read_text())
+        config = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    want = PRESETS[preset]
+    return (
+        info.get("preset") == preset
+        and info.get("seed") == seed
+        and info.get("builder") == DEMO_MODEL_VERSION
+        and all(config.get(k) == v for k, v in want.items())
+    )
 
 
 def default_demo_model_path() -> Path:
