@@ -152,8 +152,8 @@ def test_stop_strings(server, client):
     full = _chat(client, messages, max_tokens=24).choices[0].message.content
     windows = [full[i:i + 2] for i in range(len(full) - 1)
                if "\ufffd" not in full[i:i + 2] and full[i:i + 2].strip()]
-    if not windows:
-        pytest.skip("the tiny model produced no usable stop window")
+    # The model is deterministic: this output always has printable windows.
+    assert windows, f"no usable stop window in {full!r}"
     stop = windows[len(windows) // 2]
     cut = client.chat.completions.create(model=model, messages=messages, max_tokens=24,
                                          temperature=0, stop=[stop])
