@@ -194,33 +194,6 @@ def write_tensor_file(
     return size, h.intdigest()
 
 
-def read_header(f) -> tuple[dict, int]:
-    """Parses a safetensors header from an open file.
-
-    Returns:
-        ``(header dict, offset of the data section)``.
-
-    Raises:
-        BlockFileError: if the header is truncated or not JSON.
-    """
-    head = f.read(8)
-    if len(head) != 8:
-        raise BlockFileError("truncated header")
-    (n,) = struct.unpack("<Q", head)
-    if n > 100 << 20:
-        raise BlockFileError("header too large")
-    raw = f.read(n)
-    if len(raw) != n:
-        raise BlockFileError("truncated header")
-    try:
-        header = json.loads(raw)
-    except ValueError as e:
-        raise BlockFileError(f"bad header: {e}") from None
-    if not isinstance(header, dict):
-        raise BlockFileError("bad header")
-    return header, 8 + n
-
-
 class HashingReader:
     """Reads a file sequentially into caller buffers while hashing every byte."""
 
@@ -309,36 +282,6 @@ class HashingReader:
         """Tensor names sorted by their position in the file."""
         names = [k for k in self.header if k != "__metadata__"]
         return sorted(names, key=lambda k: self.tensor_info(k)[2])
-
-
-def read_whole_file(path: Path, expected_size: int | None, expected_checksum: int | None):
-    """Reads a small file fully, checks it, and returns ``{name: mx.array}, metadata``.
-
-    Used for checkpoint state, whose tensors are small or irregular.
-    """
-    r = HashingReader(path, expected_size)
-    out = {}
-    try:
-        for name in r.tensors_in_order():
-            dt, shape, s, e = r.tensor_info(name)
-            mdt = mx_dtype(dt)
-            npdt = _DTYPES[mdt][1]
-            count = int(np.prod(shape)) if shape else 1
-            if e - s != count * np.dtype(npdt).itemsize:
-                raise BlockFileError(f"tensor {name!r} size mismatch")
-            r.skip_to(s)
-            buf = np.empty(count, dtype=npdt)
-            r.readinto(memoryview(buf).cast("B"))
-            arr = mx.array(buf.reshape(shape))
-            if mdt == mx.bfloat16:
-                arr = arr.view(mx.bfloat16)
-            out[name] = arr
-        meta = r.header.get("__metadata__") or {}
-        r.finish(expected_checksum)
-    except BaseException:
-        r.close()
-        raise
-    return out, meta
 
 
 def list_files(folder: Path) -> Iterable[Path]:

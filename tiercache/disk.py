@@ -426,16 +426,22 @@ class DiskStore:
         tokens: Sequence[int],
         salt: str | bytes | None = None,
         limit: int | None = None,
+        plan: RestorePlan | None = None,
     ) -> tuple[list | None, int]:
         """Longest valid prefix, restored. Bad files are dropped and the search retried.
 
         Never raises for a bad file: the worst outcome is a miss.
 
+        Args:
+            plan: the caller's :meth:`longest_prefix` result for these arguments,
+                so the first attempt doesn't walk the index again.
+
         Returns:
             ``(cache or None, tokens covered)``.
         """
         for _ in range(8):
-            plan = self.longest_prefix(ns, tokens, salt=salt, limit=limit)
+            if plan is None:
+                plan = self.longest_prefix(ns, tokens, salt=salt, limit=limit)
             if plan.damaged:
                 self.counters["corrupt_records"] += len(plan.damaged)
                 for rid in plan.damaged:
@@ -451,6 +457,7 @@ class DiskStore:
                 if not self._drop([e.record.id]):
                     # Can't remove it (read-only): look again, stopping before it.
                     limit = e.record.start
+                plan = None
                 continue
             self.touch(plan.records)
             return cache, plan.n_tokens

@@ -227,9 +227,6 @@ class Index:
         """Key of a record in ``firsttok`` (None for a record without tokens)."""
         return rec.parent + rec.tokens[:4] if rec.tokens else None
 
-    def has_children(self, txn: lmdb.Transaction, parent: bytes) -> bool:
-        return txn.cursor(db=self.children).set_key(parent)
-
     def iter_records(self, txn: lmdb.Transaction) -> Iterator[tuple[bytes, bytes]]:
         """Raw ``(id, value)`` of every record (decode with Record.decode)."""
         cur = txn.cursor(db=self.records)
@@ -317,9 +314,3 @@ class Index:
             except ValueError:
                 out[bytes(k)] = {"error": "unreadable description"}
         return out
-
-    def delete_namespace(self, txn: lmdb.Transaction, ns: bytes) -> None:
-        desc = self.get_namespace(txn, ns)
-        txn.delete(ns, db=self.namespaces)
-        if desc and "files_fingerprint" in desc:
-            txn.delete(bytes.fromhex(desc["files_fingerprint"]), ns, db=self.modelfiles)

@@ -321,13 +321,12 @@ class TieredPromptCache:
         return hit.prompt_cache, list(tokens[mem_n:])
 
     def _restore(self, plans, tokens, salt, limit):
-        best = (None, 0)
+        """Restores the longest plan; a bad file makes the store fall back itself."""
         for plan in sorted(plans, key=lambda p: -p.n_tokens):
-            cache, n = self.disk.fetch(plan.namespace, tokens, salt=salt, limit=limit)
-            if n > best[1]:
-                best = (cache, n)
-                break
-        return best
+            cache, n = self.disk.fetch(plan.namespace, tokens, salt=salt, limit=limit, plan=plan)
+            if cache is not None:
+                return cache, n
+        return None, 0
 
     def _give_back(self, model, salt, tokens, hit) -> None:
         """Re-inserts a handed-over memory entry the caller won't use."""
@@ -381,7 +380,7 @@ class TieredPromptCache:
             log.warning("snapshot not persisted: %s", e)
             return
         nbytes = sum(c.nbytes for c in prompt_cache)
-        self.writer.submit(WriteJob(ns, tuple(tokens), host, salt, nbytes))
+        self.writer.submit(WriteJob(ns, tokens, host, salt, nbytes))
 
     def _write(self, ns, tokens, host, salt) -> None:
         self.disk.save(ns, tokens, host, salt=salt or None)
@@ -392,7 +391,7 @@ class TieredPromptCache:
         self.counters["demotions"] += 1
         if self.write_policy == "back":
             model, salt = key
-            self._submit(model, salt, list(tokens), prompt_cache)
+            self._submit(model, salt, tokens, prompt_cache)
 
     def trim_to(self, *, n_sequences: int | None = None, n_bytes: int | None = None) -> None:
         """Shrinks the memory tier (evicted snapshots stay on, or go to, disk)."""
