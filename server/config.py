@@ -317,7 +317,7 @@ def _check_store(path: Path, block_size: int) -> None:
     Raises:
         ConfigError: With the store's own one-line explanation.
     """
-    from tiercache.disk import (
+    from tiercache.store.disk import (
         BLOCKS_DIR,
         CHECKPOINTS_DIR,
         INDEX_DIR,

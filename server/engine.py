@@ -208,7 +208,7 @@ class Engine:
         """Tokenize a chat and find where its last user message starts.
 
         The position is only computed for models with non-trimmable cache
-        layers, which need a checkpoint there (see ``tiercache.checkpoints``).
+        layers, which need a checkpoint there (see ``tiercache.tiers.checkpoints``).
 
         Args:
             messages: ``[{"role", "content"}]`` with string contents.
@@ -220,7 +220,7 @@ class Engine:
         user_start = 0
         if not self.trimmable and getattr(self.tokenizer, "has_chat_template", False):
             try:
-                from tiercache.checkpoints import last_user_message_start
+                from tiercache.tiers.checkpoints import last_user_message_start
 
                 user_start = last_user_message_start(self.tokenizer, messages)
             except Exception as exc:  # a missing checkpoint only costs speed
@@ -448,7 +448,7 @@ class Engine:
                               cached: int, prompt_cache: list) -> list[int]:
         """Prefill all but the last token of a non-trimmable cache, snapshotting.
 
-        Follows the chunk-boundary rule of ``tiercache.checkpoints`` so that a
+        Follows the chunk-boundary rule of ``tiercache.tiers.checkpoints`` so that a
         restored checkpoint continues exactly like a cold run, and inserts a
         ``"system"`` checkpoint at the start of the last user message and a
         ``"user"`` one at the end of the prefill.
@@ -457,7 +457,7 @@ class Engine:
             The tokens still to feed (the last prompt token).
         """
         try:
-            from tiercache.checkpoints import CheckpointPolicy, prefill_with_checkpoints
+            from tiercache.tiers.checkpoints import CheckpointPolicy, prefill_with_checkpoints
         except ImportError:
             return rest
         policy = CheckpointPolicy(min_tokens=self.cfg.block_size)

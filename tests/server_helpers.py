@@ -97,7 +97,7 @@ class ServerProcess:
 
 
 def start_server(args: Sequence[str], log_path: Path, env: dict | None = None,
-                 module: str = "server.cli") -> ServerProcess:
+                 module: str = "tiercache.server.cli") -> ServerProcess:
     """Start a server and wait until it is healthy."""
     srv = ServerProcess(module, args, log_path, env)
     try:

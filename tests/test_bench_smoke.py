@@ -18,7 +18,7 @@ def _load(out, name):
 
 
 def test_trace_is_seeded():
-    from tools.bench import trace as T
+    from tiercache.tools.bench import trace as T
 
     spec = T.TraceSpec(sessions=2, turns=3, system=(50, 60), tool=(5, 9), generated=(2, 4), seed=3)
     a, b = T.generate(spec), T.generate(spec)
@@ -32,7 +32,7 @@ def test_trace_is_seeded():
 
 
 def test_ttft_smoke(tmp_path, tiny_llama_path):
-    from tools.bench import ttft
+    from tiercache.tools.bench import ttft
 
     ttft.main(["--out", str(tmp_path), "--preset", "tiny-llama", "--model-dir", str(tiny_llama_path.parent),
                "--sizes", "300", "--reps", "1", "--no-system-drop"])
@@ -45,7 +45,7 @@ def test_ttft_smoke(tmp_path, tiny_llama_path):
 
 
 def test_replay_smoke(tmp_path, tiny_llama_path):
-    from tools.bench import replay
+    from tiercache.tools.bench import replay
 
     replay.main(["--out", str(tmp_path), "--quick", "--preset", "tiny-llama",
                  "--model-dir", str(tiny_llama_path.parent), "--sessions", "2", "--turns", "3"])
@@ -58,7 +58,7 @@ def test_replay_smoke(tmp_path, tiny_llama_path):
 
 
 def test_overheads_smoke(tmp_path):
-    from tools.bench import overheads
+    from tiercache.tools.bench import overheads
 
     overheads.main(["--out", str(tmp_path), "--quick", "--reps", "2", "--mem-sizes", "64", "--mem-reps", "1",
                     "--writer-tokens", "64", "--writer-count", "1"])
@@ -68,7 +68,7 @@ def test_overheads_smoke(tmp_path):
 
 
 def test_http_peer_smoke(tmp_path, tiny_llama_path):
-    from tools.bench import http_peer
+    from tiercache.tools.bench import http_peer
 
     http_peer.main(["--out", str(tmp_path), "--quick", "--preset", "tiny-llama",
                     "--model-dir", str(tiny_llama_path.parent), "--sessions", "1", "--turns", "2"])

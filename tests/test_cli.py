@@ -18,9 +18,9 @@ from click.testing import CliRunner
 from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
 
 from mlx_helpers import cold_greedy, greedy_continue, prefill
-from tiercache.disk import DiskStore
-from tiercache.namespaces import model_namespace
-from tools.cli import main
+from tiercache.store.disk import DiskStore
+from tiercache.store.namespaces import model_namespace
+from tiercache.tools.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 B = 8
@@ -372,7 +372,7 @@ def test_warm_hybrid_chat_splits_like_the_server(tmp_path, tiny_hybrid_path, tin
     """On a model with recurrent layers, warm prefills with the server's
     chunk-boundary rule and stores checkpoints where the server would: at the last
     user message's start and at the end. Restores equal a cold run split the same way."""
-    from tiercache.checkpoints import last_user_message_start, prefill_with_checkpoints
+    from tiercache.tiers.checkpoints import last_user_message_start, prefill_with_checkpoints
 
     model, tok = tiny_hybrid
     system = {"role": "system", "content": "You are a careful assistant. " * 6}
@@ -410,8 +410,8 @@ WRITER = textwrap.dedent(
     sys.path.insert(0, {root!r})
     import mlx_lm
     from mlx_lm.models.cache import make_prompt_cache
-    from tiercache.disk import DiskStore
-    from tiercache.namespaces import model_namespace
+    from tiercache.store.disk import DiskStore
+    from tiercache.store.namespaces import model_namespace
     model, tok = mlx_lm.load({model!r})
     store = DiskStore({store!r}, block_size={B})
     ns = model_namespace(store, {model!r}, model)

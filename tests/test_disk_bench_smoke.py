@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tools.bench import disk_bench
+from tiercache.tools.bench import disk_bench
 
 
 def test_disk_bench_smoke(tmp_path):

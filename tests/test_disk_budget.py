@@ -8,9 +8,9 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
-from tiercache.disk import DiskStore
-from tiercache.hashing import block_hashes, chain_root
-from tiercache.layers import describe_cache
+from tiercache.store.disk import DiskStore
+from tiercache.store.hashing import block_hashes, chain_root
+from tiercache.store.layers import describe_cache
 
 B = 4
 

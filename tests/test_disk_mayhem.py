@@ -12,11 +12,11 @@ from conftest import random_tokens
 from mlx_helpers import cold_greedy, greedy_continue, prefill
 from mlx_lm.models.cache import make_prompt_cache
 
-from tiercache import blockfile
-from tiercache.blockfile import TEMP_MARK
-from tiercache.disk import DiskStore
-from tiercache.hashing import block_hashes, chain_root
-from tiercache.namespaces import model_namespace
+from tiercache.store import blockfile
+from tiercache.store.blockfile import TEMP_MARK
+from tiercache.store.disk import DiskStore
+from tiercache.store.hashing import block_hashes, chain_root
+from tiercache.store.namespaces import model_namespace
 
 B = 4
 N = 30  # 7 full blocks + a 2-token tail
@@ -234,7 +234,7 @@ def test_poisoned_record_is_a_miss(stored):
     bad = recs[BAD]
     forged = list(T[BAD * B : (BAD + 1) * B])
     forged[0] = forged[0] + 1
-    from tiercache.hashing import pack_tokens
+    from tiercache.store.hashing import pack_tokens
 
     bad.tokens = pack_tokens(forged)
     store.index.write(lambda txn: txn.put(bad.id, bad.encode(), db=store.index.records))

@@ -13,9 +13,9 @@ from conftest import random_tokens
 from mlx_helpers import cold_greedy, first_logits, greedy_continue, prefill
 from mlx_lm.models.cache import make_prompt_cache
 
-from tiercache.disk import DiskStore, StoreError
-from tiercache.index import KIND_BLOCK
-from tiercache.namespaces import model_namespace
+from tiercache.store.disk import DiskStore, StoreError
+from tiercache.store.index import KIND_BLOCK
+from tiercache.store.namespaces import model_namespace
 
 B = 8
 

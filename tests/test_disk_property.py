@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache
 
-from tiercache.disk import DiskStore
-from tiercache.layers import describe_cache
+from tiercache.store.disk import DiskStore
+from tiercache.store.layers import describe_cache
 
 B = 4
 H, D = 2, 32

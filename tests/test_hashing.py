@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import xxhash
 
-from tiercache.hashing import (
+from tiercache.store.hashing import (
     CHAIN_TAG,
     block_hashes,
     chain_root,
@@ -63,7 +63,7 @@ def test_chain_matches_spec():
 
 def test_same_in_another_process():
     code = (
-        "from tiercache.hashing import chain_root, block_hashes;"
+        "from tiercache.store.hashing import chain_root, block_hashes;"
         f"r = chain_root({NS!r}, 'x');"
         "print(''.join(h.hex() for h in block_hashes(r, list(range(40)), 8)))"
     )
@@ -139,8 +139,8 @@ def test_fine_tunes_with_identical_headers_get_different_namespaces(tiny_llama_p
     sizes: only the weights' content tells them apart, and it must."""
     import shutil
 
-    import tiercache.hashing as hashing
-    from tiercache.disk import DiskStore
+    import tiercache.store.hashing as hashing
+    from tiercache.store.disk import DiskStore
 
     a, b = tmp_path / "a", tmp_path / "b"
     shutil.copytree(tiny_llama_path, a)
@@ -160,7 +160,7 @@ def test_fine_tunes_with_identical_headers_get_different_namespaces(tiny_llama_p
         calls.append(path)
         return real(path)
 
-    import tiercache.disk as disk_mod
+    import tiercache.store.disk as disk_mod
 
     orig = disk_mod.file_digest
     disk_mod.file_digest = counting

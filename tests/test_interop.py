@@ -1,4 +1,4 @@
-"""tiercache.interop: mlx-lm prompt-cache files out of and into a DiskStore."""
+"""tiercache.admin.interop: mlx-lm prompt-cache files out of and into a DiskStore."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import CacheList, KVCache, load_prompt_cache, make_prompt_cache, save_prompt_cache
 
-import tiercache.interop as interop
+import tiercache.admin.interop as interop
 from mlx_helpers import cold_greedy, greedy_continue, prefill
-from tiercache import inspect as I
-from tiercache.disk import DiskStore
-from tiercache.interop import InteropError, export_mlx_lm, import_mlx_lm, read_prompt_cache
-from tiercache.namespaces import model_namespace
+from tiercache.admin import inspect as I
+from tiercache.store.disk import DiskStore
+from tiercache.admin.interop import InteropError, export_mlx_lm, import_mlx_lm, read_prompt_cache
+from tiercache.store.namespaces import model_namespace
 
 B = 8
 STEP = 16

@@ -1,4 +1,4 @@
-"""Tests for tiercache.memory.MemoryPromptCache (the memory tier)."""
+"""Tests for tiercache.tiers.memory.MemoryPromptCache (the memory tier)."""
 
 import gc
 import random
@@ -18,7 +18,7 @@ from mlx_lm.models.cache import (
     RotatingKVCache,
 )
 
-from tiercache.memory import CACHE_TYPES, MemoryHit, MemoryPromptCache, clone_prompt_cache
+from tiercache.tiers.memory import CACHE_TYPES, MemoryHit, MemoryPromptCache, clone_prompt_cache
 
 # ----------------------------------------------------------------- helpers
 

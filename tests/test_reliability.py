@@ -23,10 +23,10 @@ from conftest import random_tokens
 from mlx_helpers import first_logits, prefill
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-import tiercache.disk as disk_mod
+import tiercache.store.disk as disk_mod
 from tiercache import TieredPromptCache
-from tiercache.disk import DiskStore
-from tiercache.index import KIND_BLOCK, Index, Record
+from tiercache.store.disk import DiskStore
+from tiercache.store.index import KIND_BLOCK, Index, Record
 
 ROOT = Path(__file__).resolve().parent.parent
 CRASH_OK = {"orphan_file", "temp_file"}
@@ -58,8 +58,8 @@ _SAVER = textwrap.dedent(
     import mlx.core as mx
     import numpy as np
     from mlx_lm.models.cache import KVCache
-    from tiercache import layers as L
-    from tiercache.disk import DiskStore
+    from tiercache.store import layers as L
+    from tiercache.store.disk import DiskStore
     sys.path.insert(0, sys.argv[2])
     from test_reliability import _synthetic_kv, _snapshot_tokens
 
@@ -98,7 +98,7 @@ def test_crash_tool_three_rounds(tiny_llama_path, tmp_path):
     """tools/crash_test.py: 3 rounds of kill -9 against the real server."""
     out = tmp_path / "summary.json"
     p = subprocess.run(
-        [sys.executable, "-m", "tools.crash_test", "--rounds", "3", "--model",
+        [sys.executable, "-m", "tiercache.tools.crash_test", "--rounds", "3", "--model",
          str(tiny_llama_path), "--disk-dir", str(tmp_path / "disk"), "--json-out", str(out),
          "--max-kill-delay", "1.5", "--prompts", "5", "--check-prompts", "2"],
         cwd=str(ROOT), env=_env(), capture_output=True, text=True, timeout=300,
@@ -260,7 +260,7 @@ def test_damaged_lmdb_record_counted_and_removed_on_fetch(tmp_path):
     c = KVCache()
     a = mx.array(_synthetic_kv(toks))
     c.update_and_fetch(a, a)
-    from tiercache import layers as L
+    from tiercache.store import layers as L
 
     ns = store.register_namespace(b"f" * 16, L.describe_cache([c]), {})
     store.save(ns, toks, [c])
@@ -331,7 +331,7 @@ def test_enospc_serves_from_memory_and_recovers(tiny_llama, tiny_llama_path, tmp
 def test_enospc_inside_os_write_leaves_no_temp_files(tiny_llama, tiny_llama_path, tmp_path,
                                                      monkeypatch):
     """A write that fails mid-file (ENOSPC from the file object) removes its temp file."""
-    import tiercache.blockfile as bf
+    import tiercache.store.blockfile as bf
 
     model, _ = tiny_llama
     key = "tiny"

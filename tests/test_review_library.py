@@ -73,7 +73,7 @@ def test_fetch_and_insert_after_close_do_not_raise(tiny_llama, tiny_llama_path, 
 def test_hashing_reader_closes_file_on_truncated_header(tmp_path, content):
     """A block file truncated inside its header must not leak the descriptor
     (restores of damaged stores would otherwise run out of fds)."""
-    from tiercache.blockfile import BlockFileError, HashingReader
+    from tiercache.store.blockfile import BlockFileError, HashingReader
 
     p = tmp_path / "x.safetensors"
     p.write_bytes(content)
@@ -92,8 +92,8 @@ def test_hashing_reader_closes_file_on_truncated_header(tmp_path, content):
 def _corrupt_record_token(store_dir, position, new_token):
     """Rewrites the first token of the block record ending at ``position`` in LMDB
     (a bit flip in the index: the record stays decodable)."""
-    from tiercache.disk import DiskStore
-    from tiercache.index import KIND_BLOCK, Record
+    from tiercache.store.disk import DiskStore
+    from tiercache.store.index import KIND_BLOCK, Record
 
     st = DiskStore(store_dir)
     try:
@@ -103,7 +103,7 @@ def _corrupt_record_token(store_dir, position, new_token):
         toks = rec.token_list
         old = toks[0]
         toks[0] = new_token
-        from tiercache.hashing import pack_tokens
+        from tiercache.store.hashing import pack_tokens
 
         rec.tokens = pack_tokens(toks)
         st.index.write(lambda txn: txn.put(rec.id, rec.encode(), db=st.index.records))

@@ -9,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 
-from server.app import create_app
-from server.config import ServerConfig, parse_config
-from tools.cli import main as cli
+from tiercache.server.app import create_app
+from tiercache.server.config import ServerConfig, parse_config
+from tiercache.tools.cli import main as cli
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_json_body_without_json_content_type_is_read_as_json(app_client, ctype):
 
 
 def _store(path, block_size=16):
-    from tiercache.disk import DiskStore
+    from tiercache.store.disk import DiskStore
 
     DiskStore(path, block_size=block_size).close()
     return path
@@ -100,10 +100,10 @@ def test_warm_renders_multipart_messages_like_the_server(tmp_path, tiny_llama_pa
     # warm handed the list to the template as is, so its tokens never matched a request.
     from mlx_lm import load  # noqa: F401  (tiny_llama is loaded through it)
 
-    from server.config import ServerConfig as Cfg
-    from server.engine import Engine
-    from tiercache.disk import DiskStore
-    from tiercache.namespaces import model_namespace
+    from tiercache.server.config import ServerConfig as Cfg
+    from tiercache.server.engine import Engine
+    from tiercache.store.disk import DiskStore
+    from tiercache.store.namespaces import model_namespace
 
     model, tok = tiny_llama
     msgs = [{"role": "system", "content": [{"type": "text", "text": "You are "},

@@ -16,8 +16,8 @@ import mlx.core as mx
 import pytest
 from server_helpers import ROOT, _env, start_server, wait_for
 
-from tiercache import layers as L
-from tiercache.disk import DiskStore, StoreError
+from tiercache.store import layers as L
+from tiercache.store.disk import DiskStore, StoreError
 
 KEY = "s3cret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -27,11 +27,11 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def test_default_bind_is_loopback():
-    from server.config import ServerConfig, parse_config
+    from tiercache.server.config import ServerConfig, parse_config
 
     assert ServerConfig().host == "127.0.0.1"
     assert parse_config([], env={}).host == "127.0.0.1"
-    p = subprocess.run([sys.executable, "-m", "server.cli", "--help"], cwd=str(ROOT),
+    p = subprocess.run([sys.executable, "-m", "tiercache.server.cli", "--help"], cwd=str(ROOT),
                        env=_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0
     m = re.search(r"--host HOST\s+(.*?)(?=\n\s+--)", p.stdout, re.S)
@@ -305,7 +305,7 @@ def _prompt_cache_file(tmp_path: Path, evil: str) -> Path:
 @pytest.mark.parametrize("evil", ["Popen", "system", "__import__", "eval", "Path",
                                   "KVCache.__init__", "BatchKVCache", ""])
 def test_prompt_cache_file_with_foreign_class_is_refused(tmp_path, evil):
-    from tiercache import interop
+    from tiercache.admin import interop
 
     bad = _prompt_cache_file(tmp_path, evil)
     with pytest.raises(interop.InteropError, match="not allowed"):
@@ -340,7 +340,7 @@ def test_no_pickle_or_eval_on_load_paths():
 @pytest.mark.slow
 def test_short_fuzz_no_5xx(tiny_llama_path, tmp_path):
     """A deterministic 150-case run of tools/fuzz_test.py (the full run is manual)."""
-    from tools.fuzz_test import run_fuzz
+    from tiercache.tools.fuzz_test import run_fuzz
 
     srv = start_server(["--model", str(tiny_llama_path), "--max-tokens", "4", "--disk-dir",
                         str(tmp_path / "disk"), "--block-size", "16"], tmp_path / "fuzz.log")

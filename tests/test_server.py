@@ -302,7 +302,7 @@ def test_cache_stats_and_reset(server):
 def test_api_key_queue_limit_and_loading_health(tiny_llama_path, tmp_path):
     from server_helpers import ServerProcess
 
-    srv = ServerProcess("server.cli", ["--model", str(tiny_llama_path), "--api-key", "sekret",
+    srv = ServerProcess("tiercache.server.cli", ["--model", str(tiny_llama_path), "--api-key", "sekret",
                                        "--max-queue", "1"], tmp_path / "key.log")
     try:
         # /health is 503 ("loading") until the model is ready, then 200.
@@ -404,16 +404,16 @@ def test_bad_flags_exit_2_with_one_line(tmp_path):
 
     for args in (["--port", "abc"], ["--prompt-cache-bytes", "12XB"],
                  ["--write-policy", "sideways"], ["--model", str(tmp_path / "missing")]):
-        p = subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=str(ROOT),
+        p = subprocess.run([sys.executable, "-m", "tiercache.server.cli", *args], cwd=str(ROOT),
                            env=_env(), capture_output=True, text=True, timeout=120)
         assert p.returncode == 2, (args, p.stderr)
         assert len(p.stderr.strip().splitlines()) == 1, p.stderr
         assert "Traceback" not in p.stderr
-    p = subprocess.run([sys.executable, "-m", "server.cli"], cwd=str(ROOT),
+    p = subprocess.run([sys.executable, "-m", "tiercache.server.cli"], cwd=str(ROOT),
                        env=_env({"TIERCACHE_MAX_TOKENS": "-4"}), capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 2 and "TIERCACHE_MAX_TOKENS" in p.stderr
-    p = subprocess.run([sys.executable, "-m", "server.cli", "--help"], cwd=str(ROOT),
+    p = subprocess.run([sys.executable, "-m", "tiercache.server.cli", "--help"], cwd=str(ROOT),
                        env=_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0
     assert "default: 8080" in p.stdout and "TIERCACHE_PROMPT_CACHE_BYTES" in p.stdout

@@ -32,7 +32,7 @@ def _cached(resp) -> int:
 def test_dropin_serves_prefix_from_disk_after_restart(tiny_llama_path, tmp_path):
     args = ["--model", str(tiny_llama_path), "--disk-dir", str(tmp_path / "disk"),
             "--block-size", "16"]
-    srv = start_server(args, tmp_path / "a.log", module="server.mlx_lm_dropin")
+    srv = start_server(args, tmp_path / "a.log", module="tiercache.server.mlx_lm_dropin")
     try:
         first = _complete(srv)
         second = _complete(srv)
@@ -42,7 +42,7 @@ def test_dropin_serves_prefix_from_disk_after_restart(tiny_llama_path, tmp_path)
         assert srv.stop(signal.SIGTERM) == 0, srv.log()
     assert "TieredPromptCache" in srv.log()
 
-    srv = start_server(args, tmp_path / "b.log", module="server.mlx_lm_dropin")
+    srv = start_server(args, tmp_path / "b.log", module="tiercache.server.mlx_lm_dropin")
     try:
         third = _complete(srv)
         assert _cached(third) > 0, srv.log()
@@ -53,7 +53,7 @@ def test_dropin_serves_prefix_from_disk_after_restart(tiny_llama_path, tmp_path)
 
 
 def test_dropin_help_lists_our_flags():
-    p = subprocess.run([sys.executable, "-m", "server.mlx_lm_dropin", "--help"], cwd=str(ROOT),
+    p = subprocess.run([sys.executable, "-m", "tiercache.server.mlx_lm_dropin", "--help"], cwd=str(ROOT),
                        env=_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     for flag in ("--disk-dir", "--disk-bytes", "--block-size", "--prompt-cache-size"):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from server.config import parse_config, parse_size
-from server.engine import _StopText
-from server.schemas import ChatCompletionRequest, CompletionRequest
+from tiercache.server.config import parse_config, parse_size
+from tiercache.server.engine import _StopText
+from tiercache.server.schemas import ChatCompletionRequest, CompletionRequest
 
 
 @pytest.mark.parametrize("text,expected", [

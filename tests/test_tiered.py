@@ -17,9 +17,9 @@ from mlx_helpers import cold_greedy, first_logits, greedy_continue, prefill
 from mlx_lm.models.cache import make_prompt_cache
 
 from tiercache import TieredPromptCache
-from tiercache.disk import DiskStore
-from tiercache.memory import clone_prompt_cache
-from tiercache.namespaces import model_namespace
+from tiercache.store.disk import DiskStore
+from tiercache.tiers.memory import clone_prompt_cache
+from tiercache.store.namespaces import model_namespace
 
 B = 8  # block size: small so short prompts span several blocks
 GEN = 12  # greedy tokens compared against a cold run

@@ -1,4 +1,4 @@
-"""Checkpoints for agentic traffic (tiercache.checkpoints) with the tiny hybrid model
+"""Checkpoints for agentic traffic (tiercache.tiers.checkpoints) with the tiny hybrid model
 (lfm2: ArraysCache + KVCache, not trimmable) through TieredPromptCache."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from mlx_helpers import greedy_continue, prefill
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
 
 from tiercache import TieredPromptCache
-from tiercache.checkpoints import (
+from tiercache.tiers.checkpoints import (
     Checkpoint,
     CheckpointPolicy,
     chunk_boundaries,

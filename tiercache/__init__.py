@@ -9,10 +9,10 @@ The public API is small:
 * :class:`FetchInfo`, :class:`StoreError`, :func:`model_namespace`.
 """
 
-from .disk import DiskStore, StoreError
-from .memory import MemoryPromptCache
-from .namespaces import model_namespace
-from .tiered import FetchInfo, TieredPromptCache
+from .store.disk import DiskStore, StoreError
+from .store.namespaces import model_namespace
+from .tiers.memory import MemoryPromptCache
+from .tiers.tiered import FetchInfo, TieredPromptCache
 
 __all__ = [
     "DiskStore",

@@ -23,8 +23,8 @@ from typing import Any
 
 import click
 
-from tools.prompts import prompt_tokens, read_prompts
-from tools.render import console, emit, human_size, human_time, iso, print_table, short
+from tiercache.tools.prompts import prompt_tokens, read_prompts
+from tiercache.tools.render import console, emit, human_size, human_time, iso, print_table, short
 
 EXIT_PROBLEMS = 1
 EXIT_ERROR = 2
@@ -42,9 +42,9 @@ class CliError(click.ClickException):
 def _known_errors() -> tuple[type[BaseException], ...]:
     import lmdb
 
-    from tiercache.blockfile import BlockFileError
-    from tiercache.disk import RestoreError, StoreError
-    from tiercache.index import IndexError_
+    from tiercache.store.blockfile import BlockFileError
+    from tiercache.store.disk import RestoreError, StoreError
+    from tiercache.store.index import IndexError_
 
     return (StoreError, IndexError_, BlockFileError, RestoreError, ValueError, lmdb.Error, OSError, KeyError)
 
@@ -125,7 +125,7 @@ DURATION = DurationType()
 def open_store(path: str, *, write: bool = False, create: bool = False, block_size: int | None = None,
                disk_bytes: int | None = None):
     """Opens a store for a command, refusing anything that isn't a tiercache store."""
-    from tiercache.disk import BLOCKS_DIR, CHECKPOINTS_DIR, INDEX_DIR, DiskStore
+    from tiercache.store.disk import BLOCKS_DIR, CHECKPOINTS_DIR, INDEX_DIR, DiskStore
 
     p = Path(path)
     if not create:
@@ -153,7 +153,7 @@ def _want_table(ctx: click.Context, table: bool) -> bool:
 
 
 def _view_and_ns(store, namespace: str | None):
-    from tiercache import inspect as I
+    from tiercache.admin import inspect as I
 
     view = I.load_view(store)
     ns = I.resolve_namespace(view, namespace) if namespace else None
@@ -192,7 +192,7 @@ def stats(ctx, dir, budget, table):
 
     Example: tiercache stats ~/.cache/tiercache --table
     """
-    from tiercache import inspect as I
+    from tiercache.admin import inspect as I
 
     with open_store(dir) as store:
         data = I.store_stats(store, I.load_view(store), budget=budget)
@@ -247,7 +247,7 @@ def ls(ctx, dir, namespace, sort, limit, words, table):
 
     Example: tiercache ls ~/.cache/tiercache --sort size --limit 20 --table
     """
-    from tiercache import inspect as I
+    from tiercache.admin import inspect as I
 
     with open_store(dir) as store:
         view, ns = _view_and_ns(store, namespace)
@@ -284,7 +284,7 @@ def show(ctx, dir, id, table):
 
     Example: tiercache show ~/.cache/tiercache 3fa2c81d
     """
-    from tiercache import inspect as I
+    from tiercache.admin import inspect as I
 
     with open_store(dir) as store:
         view = I.load_view(store)
@@ -410,7 +410,7 @@ def evict(ctx, dir, to, namespace, older_than, table):
 
     Example: tiercache evict ~/.cache/tiercache --older-than 7d
     """
-    from tiercache import inspect as I
+    from tiercache.admin import inspect as I
 
     if to is None and namespace is None and older_than is None:
         raise click.UsageError("give one of --to SIZE, --namespace NS or --older-than DURATION")
@@ -477,7 +477,7 @@ def export_cmd(ctx, dir, id, out, table):
 
     Example: tiercache export ~/.cache/tiercache 3fa2c81d prompt.safetensors
     """
-    from tiercache.interop import export_mlx_lm
+    from tiercache.admin.interop import export_mlx_lm
 
     with open_store(dir) as store:
         res = export_mlx_lm(store, id, out)
@@ -507,7 +507,7 @@ def import_cmd(ctx, dir, file, model, tokens, block_size, table):
 
     Example: tiercache import ~/.cache/tiercache prompt.safetensors --model ./demo-model
     """
-    from tiercache.interop import import_mlx_lm
+    from tiercache.admin.interop import import_mlx_lm
 
     if tokens is not None and not tokens.lstrip().startswith("["):
         tp = Path(tokens)
@@ -550,7 +550,7 @@ def warm(ctx, dir, model_path, prompts, prefill_step_size, block_size, disk_byte
     import mlx_lm
     from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
 
-    from tiercache.checkpoints import CheckpointPolicy, last_user_message_start, prefill_with_checkpoints
+    from tiercache.tiers.checkpoints import CheckpointPolicy, last_user_message_start, prefill_with_checkpoints
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -559,7 +559,7 @@ def warm(ctx, dir, model_path, prompts, prefill_step_size, block_size, disk_byte
         TimeElapsedColumn,
     )
 
-    from tiercache.namespaces import model_namespace
+    from tiercache.store.namespaces import model_namespace
 
     items = read_prompts(prompts)
     t0 = time.time()

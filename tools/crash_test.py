@@ -1,6 +1,6 @@
 """kill -9 crash test for ``tiercache-server`` with a disk tier.
 
-    python -m tools.crash_test --rounds 20 --model PATH --disk-dir DIR
+    python -m tiercache.tools.crash_test --rounds 20 --model PATH --disk-dir DIR
 
 1. Cold reference: a server *without* a disk dir answers a fixed set of greedy
    (temperature 0) completions, with the memory tier reset before each one.
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import httpx
 
-from tools.server_process import ServerProcess as Server
+from tiercache.tools.server_process import ServerProcess as Server
 
 ROOT = Path(__file__).resolve().parent.parent
 ALLOWED_AFTER_CRASH = {"orphan_file", "temp_file"}
@@ -91,7 +91,7 @@ def verify_store(disk_dir: Path, fix: bool, use_cli: bool = True) -> tuple[list[
                 return data["problems"], after, "tiercache verify"
         except (OSError, ValueError, AttributeError, subprocess.SubprocessError):
             pass  # the CLI is not usable: fall back to the library
-    from tiercache.disk import DiskStore
+    from tiercache.store.disk import DiskStore
 
     with DiskStore(disk_dir) as store:
         problems = [p.to_dict() for p in store.check(temp_grace=0)]

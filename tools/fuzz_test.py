@@ -1,7 +1,7 @@
 """Hostile-input fuzzing of the completion endpoints with hypothesis.
 
-    python -m tools.fuzz_test --model PATH --examples 500
-    python -m tools.fuzz_test --url http://127.0.0.1:8080 --seconds 30
+    python -m tiercache.tools.fuzz_test --model PATH --examples 500
+    python -m tiercache.tools.fuzz_test --url http://127.0.0.1:8080 --seconds 30
 
 Generates request bodies for ``/v1/chat/completions`` and ``/v1/completions``:
 schema-shaped bodies whose fields take plausible *and* hostile values (wrong
@@ -26,7 +26,7 @@ import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tools.server_process import ServerProcess
+from tiercache.tools.server_process import ServerProcess
 
 
 JSON = st.recursive(

@@ -1,6 +1,6 @@
 """Load test: N concurrent streaming clients against ``tiercache-server``.
 
-    python -m tools.load_test --model PATH --clients 32 --seconds 120
+    python -m tiercache.tools.load_test --model PATH --clients 32 --seconds 120
 
 Starts the server on a free 127.0.0.1 port (tiny model, a disk dir, a memory
 budget), runs ``--clients`` threads that each send streaming chat/completions
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from tools.server_process import ServerProcess
+from tiercache.tools.server_process import ServerProcess
 
 
 
@@ -56,7 +56,7 @@ def pct(values: list[float], q: float) -> float | None:
 
 
 def parse_size(text: str) -> int:
-    from server.config import parse_size as ps
+    from tiercache.server.config import parse_size as ps
 
     return ps(text)
 

@@ -11,7 +11,7 @@ def chat_messages(messages: list, where: str) -> list[dict]:
     request's messages (same validation; text parts joined), so warmed tokens match."""
     from pydantic import ValidationError
 
-    from server.schemas import ChatMessage
+    from tiercache.server.schemas import ChatMessage
 
     try:
         parsed = [ChatMessage.model_validate(m) for m in messages]

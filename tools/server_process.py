@@ -37,7 +37,7 @@ class ServerProcess:
         env = dict(os.environ)
         env.pop("TIERCACHE_API_KEY", None)
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        cmd = [sys.executable, "-m", "server.cli", "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "tiercache.server.cli", "--host", "127.0.0.1",
                "--port", str(self.port), *args]
         self.proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT)

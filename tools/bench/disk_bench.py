@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m tools.bench.disk_bench --out DIR [--tokens 4096] [--block 256]
+    python -m tiercache.tools.bench.disk_bench --out DIR [--tokens 4096] [--block 256]
 
 Writes ``DIR/disk_bench.json`` and ``DIR/disk_bench.md`` and prints both.
 
@@ -34,10 +34,10 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
-from tiercache.disk import DiskStore
-from tiercache.hashing import block_hashes, chain_root, pack_tokens
-from tiercache.index import KIND_BLOCK, Record
-from tiercache.layers import describe_cache
+from tiercache.store.disk import DiskStore
+from tiercache.store.hashing import block_hashes, chain_root, pack_tokens
+from tiercache.store.index import KIND_BLOCK, Record
+from tiercache.store.layers import describe_cache
 
 MB = 1 << 20
 

@@ -1,7 +1,7 @@
 """The peer over HTTP: mlx_lm.server vs tiercache-server on the same model and trace.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
-        python -m tools.bench.http_peer --out bench-results [--quick] [--preset demo]
+        python -m tiercache.tools.bench.http_peer --out bench-results [--quick] [--preset demo]
 
 Each server is started on the same model folder with the same memory budget
 (``--prompt-cache-bytes``), fed the seeded agentic trace (tools/bench/trace.py)
@@ -74,7 +74,7 @@ class Server:
             cmd = [sys.executable, "-m", "mlx_lm.server", "--model", str(self.model), "--port", str(self.port),
                    "--prompt-cache-bytes", str(self.budget)]
         else:
-            cmd = [sys.executable, "-m", "server.cli", "--model", str(self.model), "--port", str(self.port),
+            cmd = [sys.executable, "-m", "tiercache.server.cli", "--model", str(self.model), "--port", str(self.port),
                    "--prompt-cache-bytes", str(self.budget), "--disk-dir", str(self.store),
                    "--block-size", str(self.block_size)]
         t0 = time.time()

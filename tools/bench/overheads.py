@@ -1,11 +1,11 @@
 """Overheads: index lookup/insert vs index size, memory-hit copy cost, writer throughput.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
-        python -m tools.bench.overheads --out bench-results [--quick] [--max-blocks 1000000]
+        python -m tiercache.tools.bench.overheads --out bench-results [--quick] [--max-blocks 1000000]
 
 1. **Index**: a store holds a real 32-block chain (an 8K-token snapshot of a
    small KV layout) plus N filler block records written straight into the LMDB
-   index (tiercache.index.Index, 50K records per transaction). Timed at each N:
+   index (tiercache.store.index.Index, 50K records per transaction). Timed at each N:
    ``DiskStore.longest_prefix`` of the 8K-token query (the lookup a fetch does),
    ``TieredPromptCache.fetch_nearest_cache``-level lookup cost is the same call;
    one index record insert (a write transaction), and ``DiskStore.save`` of a
@@ -62,10 +62,10 @@ def decode_write(cache, kv_heads, head_dim) -> None:
 
 
 def bench_index(sizes, work: Path, reps: int) -> list[dict]:
-    from tiercache.disk import DiskStore
-    from tiercache.hashing import chain_root
-    from tiercache.index import KIND_BLOCK, Record
-    from tiercache.layers import describe_cache
+    from tiercache.store.disk import DiskStore
+    from tiercache.store.hashing import chain_root
+    from tiercache.store.index import KIND_BLOCK, Record
+    from tiercache.store.layers import describe_cache
 
     store = DiskStore(work / "index-store", block_size=256)
     small = make_kv(8192 + 256, 2, 2, 16, seed=1)  # small layout: file writes stay cheap

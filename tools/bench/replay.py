@@ -1,7 +1,7 @@
 """Agentic replay: the seeded trace of tools/bench/trace.py under four caches, side by side.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
-        python -m tools.bench.replay --out bench-results [--quick] [--preset demo]
+        python -m tiercache.tools.bench.replay --out bench-results [--quick] [--preset demo]
 
 Variants (same model, same trace, same memory budget):
 

@@ -1,6 +1,6 @@
 """Benchmark of TieredPromptCache's caller-side costs (no model needed).
 
-    python -m tools.bench.tiered_bench --out DIR [--tokens 16000] [--layers 8] ...
+    python -m tiercache.tools.bench.tiered_bench --out DIR [--tokens 16000] [--layers 8] ...
 
 Measures, on random-array ``KVCache`` snapshots with llama-like shapes:
 
@@ -31,8 +31,8 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
 from tiercache import TieredPromptCache
-from tiercache import layers as L
-from tiercache.disk import DiskStore
+from tiercache.store import layers as L
+from tiercache.store.disk import DiskStore
 
 KEY = "bench-model"
 

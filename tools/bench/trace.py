@@ -7,7 +7,7 @@ join the history. Sessions are interleaved at random (seeded), each session's
 turns staying in order. Token ids are random in ``[3, vocab)`` (ids 0-2 are the
 demo tokenizer's special tokens).
 
-    python -m tools.bench.trace --seed 0 --out trace.json [--quick]
+    python -m tiercache.tools.bench.trace --seed 0 --out trace.json [--quick]
 
 A turn's prompt is ``system + history + tool output``; its cache after the turn
 covers ``prompt + generated``, which is a prefix of the session's next prompt.

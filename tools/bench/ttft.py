@@ -1,7 +1,7 @@
 """TTFT by path: cold, memory hit, disk hit (page cache warm / dropped), after a restart.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
-        python -m tools.bench.ttft --out bench-results [--quick] [--sizes 1024 4096 8192]
+        python -m tiercache.tools.bench.ttft --out bench-results [--quick] [--sizes 1024 4096 8192]
 
 For each prompt length N (random token ids, seeded) on the qwen3-0.6b-shaped
 float32 model:
@@ -61,7 +61,7 @@ def raw_read(roots) -> tuple[int, float]:
 
 def run(args) -> dict:
     from tiercache import TieredPromptCache
-    from tiercache.disk import BLOCKS_DIR, CHECKPOINTS_DIR
+    from tiercache.store.disk import BLOCKS_DIR, CHECKPOINTS_DIR
 
     info = C.machine_info()
     path = C.model_path(args.preset, args.model_dir)

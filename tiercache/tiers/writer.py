@@ -2,7 +2,7 @@
 
 Thread safety with MLX: the writer thread never runs an MLX operation (MLX graph
 evaluation is not meant to be driven from two threads at once). On the caller's
-(generation) thread, :func:`tiercache.layers.to_host` evaluates every array and takes
+(generation) thread, :func:`tiercache.store.layers.to_host` evaluates every array and takes
 zero-copy numpy views through *new* ``mx.array`` handles. The caller may keep
 writing into its own cache: MLX slice assignment rebinds only the caller's handle
 and copies the buffer because our handle still holds it, so the bytes the writer
@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-log = logging.getLogger("tiercache.writer")
+log = logging.getLogger("tiercache.tiers.writer")
 
 
 @dataclass(eq=False)  # identity: comparing snapshots (numpy views) is meaningless

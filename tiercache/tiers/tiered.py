@@ -1,8 +1,8 @@
 """`TieredPromptCache`: mlx-lm's ``LRUPromptCache`` interface over memory + disk.
 
-* Memory tier: :class:`tiercache.memory.MemoryPromptCache` under ``max_bytes``.
-* Disk tier: :class:`tiercache.disk.DiskStore` under ``disk_bytes``, written by a
-  :class:`tiercache.writer.BackgroundWriter` so the generation thread never waits.
+* Memory tier: :class:`tiercache.tiers.memory.MemoryPromptCache` under ``max_bytes``.
+* Disk tier: :class:`tiercache.store.disk.DiskStore` under ``disk_bytes``, written by a
+  :class:`tiercache.tiers.writer.BackgroundWriter` so the generation thread never waits.
 * A lookup takes the memory result, asks the disk for a longer prefix, and restores
   from disk when the disk offers at least ``min_promote_tokens`` more (any disk hit
   counts when memory has nothing); the restored snapshot is promoted into memory.
@@ -29,13 +29,13 @@ from typing import Any, Hashable, Sequence
 
 import mlx.core as mx
 
-from . import layers as L
-from .disk import DiskStore
-from .restore import RestoreError
-from .hashing import Namespace, chain_root, checkpoint_id, next_hash, salt_bytes
-from .index import KIND_BLOCK
+from ..store import layers as L
+from ..store.disk import DiskStore
+from ..store.restore import RestoreError
+from ..store.hashing import Namespace, chain_root, checkpoint_id, next_hash, salt_bytes
+from ..store.index import KIND_BLOCK
 from .memory import MemoryPromptCache
-from .namespaces import cache_arrays, key_fingerprint, model_namespace
+from ..store.namespaces import cache_arrays, key_fingerprint, model_namespace
 from .writer import BackgroundWriter, WriteJob
 
 log = logging.getLogger("tiercache")
@@ -514,7 +514,7 @@ class TieredPromptCache:
         are skipped (their salt isn't known here); the memory tier's own budget is
         never exceeded by prewarming (nothing hot is evicted for it).
         """
-        from .inspect import chain_of, chain_tokens, load_view, plan_for, snapshot_ends
+        from ..admin.inspect import chain_of, chain_tokens, load_view, plan_for, snapshot_ends
 
         done = 0
         try:

@@ -3,7 +3,7 @@
 Write path (crash-safe): every file is written to a temp name, fsynced and renamed;
 only then is the LMDB transaction that references it committed. Deletion goes the
 other way: commit the removal, then unlink. A crash leaves at worst an orphan file,
-which :func:`tiercache.check.check_store` finds and removes.
+which :func:`tiercache.store.check.check_store` finds and removes.
 
 Read path: :meth:`DiskStore.longest_prefix` walks the chain in LMDB (tokens compared,
 so a hash collision or a poisoned record is a miss), :meth:`DiskStore.restore` reads
@@ -47,13 +47,12 @@ from .hashing import (
 from .index import KIND_BLOCK, KIND_CHECKPOINT, KIND_TAIL, Index, IndexError_, Record
 from .lookup import RestorePlan, find_longest_prefix
 from .restore import RestoreError, read_plan
+from .check import check_store
+from .layout import BLOCKS_DIR, CHECKPOINTS_DIR, INDEX_DIR
 
-log = logging.getLogger("tiercache.disk")
+log = logging.getLogger("tiercache.store.disk")
 
 DEFAULT_BLOCK_SIZE = 256
-INDEX_DIR = "index.lmdb"
-BLOCKS_DIR = "blocks"
-CHECKPOINTS_DIR = "checkpoints"
 
 
 class StoreError(Exception):
@@ -262,7 +261,7 @@ class DiskStore:
             ns: a registered namespace.
             tokens: the tokens the cache holds, in order.
             cache: mlx-lm cache objects (evaluated), one per layer, or their
-                :func:`tiercache.layers.to_host` form (what the background writer
+                :func:`tiercache.store.layers.to_host` form (what the background writer
                 passes: it runs no MLX operation off the MLX thread).
             salt: optional tenant salt mixed into the chain root.
 
@@ -406,7 +405,7 @@ class DiskStore:
                 hit always leaves a token to prefill).
 
         Returns:
-            A plan; ``plan.n_tokens == 0`` is a miss. See :mod:`tiercache.lookup`.
+            A plan; ``plan.n_tokens == 0`` is a miss. See :mod:`tiercache.store.lookup`.
         """
         return find_longest_prefix(
             self.index, ns, self.layer_desc(ns), tokens, self.block_size, salt=salt, limit=limit
@@ -595,9 +594,7 @@ class DiskStore:
         }
 
     def check(self, fix: bool = False, temp_grace: float = 60.0) -> list:
-        """Finds (and with ``fix`` repairs) every inconsistency; see tiercache.check."""
-        from .check import check_store
-
+        """Finds (and with ``fix`` repairs) every inconsistency; see tiercache.store.check."""
         return check_store(self, fix=fix, temp_grace=temp_grace)
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .blockfile import TEMP_MARK, BlockFileError, HashingReader, list_files
 from .hashing import checkpoint_id, next_hash, unpack_tokens
+from .layout import BLOCKS_DIR, CHECKPOINTS_DIR
 from .index import KIND_BLOCK, KIND_NAMES, Index, Record
 
 
@@ -67,7 +68,7 @@ def _record_id(rec: Record) -> bytes:
 
 
 def check_store(store, fix: bool = False, temp_grace: float = 60.0) -> list[Problem]:
-    """Checks a :class:`tiercache.disk.DiskStore`.
+    """Checks a :class:`tiercache.store.disk.DiskStore`.
 
     Args:
         store: the store.
@@ -78,8 +79,6 @@ def check_store(store, fix: bool = False, temp_grace: float = 60.0) -> list[Prob
     Returns:
         The problems found (before repair).
     """
-    from .disk import BLOCKS_DIR, CHECKPOINTS_DIR
-
     store.flush_touches()
     ix = store.index
     problems: list[Problem] = []

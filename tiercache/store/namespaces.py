@@ -81,8 +81,8 @@ def stack_fingerprint(
     """Fingerprint of everything that shapes the KV a server computes: the model's
     files, plus an adapter's (a LoRA changes every layer's K/V) and a draft model's
     (its cache layers are part of the prompt cache). Without adapter and draft it
-    equals :func:`tiercache.hashing.model_files_fingerprint`. ``digest`` hashes
-    weight files (a store's memoizing :meth:`~tiercache.disk.DiskStore.file_digest`).
+    equals :func:`tiercache.store.hashing.model_files_fingerprint`. ``digest`` hashes
+    weight files (a store's memoizing :meth:`~tiercache.store.disk.DiskStore.file_digest`).
 
     Raises:
         FileNotFoundError: a path that names no local files.
@@ -131,7 +131,7 @@ def model_namespace(
     """Registers (if new) and returns the namespace of a model in a store.
 
     Args:
-        store: a :class:`tiercache.disk.DiskStore`.
+        store: a :class:`tiercache.store.disk.DiskStore`.
         model_path: the local model folder.
         model: the loaded model, used to probe the cache layout when
             ``layer_desc`` is not given.

@@ -52,7 +52,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import can_trim_prompt_cache
 
 from .memory import clone_prompt_cache
-from .namespaces import cache_arrays
+from ..store.namespaces import cache_arrays
 
 #: Two sentinels with different first characters: the common prefix of the real
 #: rendering with *both* stops before the user content even if that content happens
@@ -233,7 +233,7 @@ def prefill_with_checkpoints(
 
     Returns:
         ``{position: snapshot}`` for every stop in ``(offset, offset + len(tokens)]``:
-        evaluated shallow clones (:func:`tiercache.memory.clone_prompt_cache`) that
+        evaluated shallow clones (:func:`tiercache.tiers.memory.clone_prompt_cache`) that
         stay valid while ``cache`` keeps being written (copy-on-write).
     """
     toks = [int(t) for t in tokens]

@@ -1,4 +1,4 @@
-"""Read-side queries over a :class:`tiercache.disk.DiskStore` for the tools CLI.
+"""Read-side queries over a :class:`tiercache.store.disk.DiskStore` for the tools CLI.
 
 Everything here works from one consistent LMDB read snapshot (:func:`load_view`),
 so it is safe to run while a server writes to the same store: LMDB readers never
@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .disk import DiskStore, RestorePlan
-from .index import KIND_BLOCK, KIND_CHECKPOINT, KIND_NAMES, KIND_TAIL, Record
-from .hashing import unpack_tokens
-from . import layers as L
+from ..store.disk import DiskStore, RestorePlan
+from ..store.index import KIND_BLOCK, KIND_CHECKPOINT, KIND_NAMES, KIND_TAIL, Record
+from ..store.hashing import unpack_tokens
+from ..store import layers as L
 
 MIN_ID_PREFIX = 8
 

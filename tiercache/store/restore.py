@@ -55,7 +55,7 @@ def read_plan(plan: RestorePlan, file_path: Callable[[Record], Path]) -> list | 
     """Builds mlx-lm cache objects for a plan, verifying every file.
 
     Args:
-        plan: from :func:`tiercache.lookup.find_longest_prefix`.
+        plan: from :func:`tiercache.store.lookup.find_longest_prefix`.
         file_path: where a record's file lives.
 
     Raises:

@@ -185,7 +185,7 @@ def model_files_fingerprint(
 
     Args:
         model_path: a local mlx-lm model folder.
-        digest: how to hash a weight file; :meth:`tiercache.disk.DiskStore.file_digest`
+        digest: how to hash a weight file; :meth:`tiercache.store.disk.DiskStore.file_digest`
             remembers digests by (path, size, mtime, inode) so only the first start
             after a change reads the weights.
 
@@ -245,7 +245,7 @@ def namespace_id(
         files_fingerprint: from :func:`model_files_fingerprint` (or any 16 bytes
             that identify the weights and tokenizer).
         layer_desc: JSON-able description of every cache layer (class and dtype),
-            see :func:`tiercache.layers.describe_cache`.
+            see :func:`tiercache.store.layers.describe_cache`.
         block_size: tokens per block.
     """
     desc = json.dumps(

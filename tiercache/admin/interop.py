@@ -10,7 +10,7 @@ version installed here. Our metadata rides along in the file's user metadata:
 Import never goes through ``load_prompt_cache``, which instantiates whatever class
 name the file holds (``globals()[name]``). We parse the file's metadata ourselves,
 check every class name — including those nested in a ``CacheList`` — against
-:data:`tiercache.layers.ALLOWED_CLASSES` before building any object, and only then
+:data:`tiercache.store.layers.ALLOWED_CLASSES` before building any object, and only then
 rebuild the layers from their state.
 """
 
@@ -25,10 +25,12 @@ from typing import Any, Sequence
 import mlx.core as mx
 from mlx.utils import tree_unflatten
 
-from . import layers as L
-from .disk import DiskStore, RestorePlan, SaveResult
-from .hashing import FORMAT_VERSION, model_files_fingerprint
-from .index import Record
+from ..store import layers as L
+from ..store.disk import DiskStore, RestorePlan, SaveResult
+from ..store.hashing import FORMAT_VERSION, model_files_fingerprint
+from ..store.index import Record
+from ..store.namespaces import model_namespace, probe_layer_desc
+from .inspect import chain_tokens, load_view, plan_for, resolve_id
 
 EXPORT_TAG = "export"
 
@@ -69,8 +71,6 @@ class ImportResult:
 
 
 def _plan_and_tokens(store: DiskStore, what: Any) -> tuple[RestorePlan, list[int]]:
-    from .inspect import chain_tokens, load_view, plan_for, resolve_id
-
     if isinstance(what, RestorePlan):
         toks: list[int] = []
         for r in what.records:
@@ -288,8 +288,6 @@ def import_mlx_lm(
         InteropError: disallowed class, malformed file, missing/mismatched tokens,
             or a cache layout that does not belong to the model.
     """
-    from .namespaces import model_namespace, probe_layer_desc
-
     cache, meta = read_prompt_cache(file)
     if tokens is None:
         if "tokens" not in meta:

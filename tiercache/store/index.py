@@ -10,7 +10,7 @@ Sub-databases:
   record with tokens. A partial-block match only needs the children that start with
   the prompt's next token, so a parent with thousands of children (the chain root)
   costs one cursor seek, not thousands of record reads. Derived from ``records``;
-  :func:`tiercache.check.check_store` verifies and rebuilds it.
+  :func:`tiercache.store.check.check_store` verifies and rebuilds it.
 * ``namespaces``: namespace -> JSON description of the model and cache layout.
 * ``modelfiles`` (dupsort): model-files fingerprint -> namespace, so a restarted
   process finds a model's namespaces before it has seen a cache.

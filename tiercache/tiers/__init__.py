@@ -1,0 +1,9 @@
+"""The cache tiers on top of the store: memory, background writer, tiered cache.
+
+Also the per-request checkpoint policy that decides what a server inserts.
+"""
+
+from .memory import MemoryPromptCache
+from .tiered import FetchInfo, TieredPromptCache
+
+__all__ = ["FetchInfo", "MemoryPromptCache", "TieredPromptCache"]
