@@ -68,13 +68,19 @@ def _record_id(rec: Record) -> bytes:
 
 
 def check_store(store, fix: bool = False, temp_grace: float = 60.0) -> list[Problem]:
-    """Checks a :class:`tiercache.store.disk.DiskStore`.
+    """Check a :class:`tiercache.store.disk.DiskStore`; safe beside running writers.
+
+    The index is read in one snapshot and the files scanned after it, so a writer
+    committing in between would make its new files look like orphans. Findings are
+    therefore settled against a fresh read of the index, and the repair judges
+    everything again inside its own write transaction (see :func:`_repair`).
 
     Args:
         store: the store.
         fix: repair what is found (delete bad records first, then files).
-        temp_grace: temp files younger than this many seconds belong to a writer
-            that may still be running and are left alone.
+        temp_grace: temp files, and files without a record, younger than this many
+            seconds belong to a writer that may still be running (a save renames
+            its files into place before it commits their records) and are left alone.
 
     Returns:
         The problems found (before repair).
@@ -144,22 +150,18 @@ def check_store(store, fix: bool = False, temp_grace: float = 60.0) -> list[Prob
             if parent is None:
                 problems.append(Problem("dangling_parent", rid.hex(), "parent block is missing"))
             remove[rid] = "dangling_parent"
-    for p in on_disk.values():
+    orphans = _settle(store, recs, problems, list(on_disk.values()), temp_grace)
+    for p in orphans:
         problems.append(Problem("orphan_file", str(p), "file has no record"))
-        junk.append(p)
 
     link_set = set(links)
-    bad_links = []
     for parent, child in links:
         rec = recs.get(child)
         if rec is None or rec.parent != parent:
             problems.append(Problem("dangling_child", child.hex(), f"link from {parent.hex()} to nothing"))
-            bad_links.append((parent, child))
-    missing_links = [
-        (rec.parent, rid) for rid, rec in recs.items() if (rec.parent, rid) not in link_set
-    ]
-    for parent, rid in missing_links:
-        problems.append(Problem("missing_link", rid.hex(), "record is not linked from its parent"))
+    for rid, rec in recs.items():
+        if (rec.parent, rid) not in link_set:
+            problems.append(Problem("missing_link", rid.hex(), "record is not linked from its parent"))
 
     want_first = {
         (Index.firsttok_key(rec), rid) for rid, rec in recs.items() if rec.tokens
@@ -174,37 +176,123 @@ def check_store(store, fix: bool = False, temp_grace: float = 60.0) -> list[Prob
         problems.append(Problem("byte_drift", "total_bytes", f"counter {total} != records {expected}"))
 
     if fix and problems:
-        _repair(store, recs, remove, bad_keys, bad_links, missing_links, junk)
+        _repair(store, {rid: recs[rid] for rid in remove}, bad_keys, orphans, junk, temp_grace)
     return problems
 
 
-def _repair(store, recs, remove, bad_keys, bad_links, missing_links, junk) -> None:
+_RECORD_KINDS = {"missing_file", "size_mismatch", "checksum_mismatch", "hash_mismatch", "dangling_parent"}
+
+
+def _same(a: Record | None, b: Record) -> bool:
+    """Whether ``a`` is still the record ``b`` (not removed, nor removed and saved again)."""
+    return a is not None and (a.created, a.checksum, a.nbytes, a.parent, a.tokens) == (
+        b.created, b.checksum, b.nbytes, b.parent, b.tokens
+    )
+
+
+def _settle(store, recs, problems, candidates, temp_grace) -> list[Path]:
+    """Drop findings a concurrent writer explains, from a fresh read of the index.
+
+    A record evicted or replaced since the snapshot is not a problem any more, and
+    nor is its parent's absence. Returns the orphan files: candidates that no
+    record names now and that are older than ``temp_grace``.
+    """
+    ix = store.index
+    now = time.time()
+    orphans = []
+    with ix.read() as txn:
+        kept = []
+        for p in problems:
+            if p.kind in _RECORD_KINDS:
+                rid = bytes.fromhex(p.target)
+                if not _same(ix.get(txn, rid), recs[rid]):
+                    continue
+            kept.append(p)
+        problems[:] = kept
+        for path in candidates:
+            if _indexed(ix, txn, path) or _young(path, now, temp_grace):
+                continue
+            orphans.append(path)
+    return orphans
+
+
+def _indexed(ix, txn, path: Path) -> bool:
+    """Whether a record names this file now (files are named by their record id)."""
+    try:
+        rid = bytes.fromhex(path.name.split(".")[0])
+    except ValueError:
+        return False
+    return txn.get(rid, db=ix.records) is not None
+
+
+def _young(path: Path, now: float, grace: float) -> bool:
+    try:
+        return now - path.lstat().st_mtime < grace
+    except FileNotFoundError:
+        return True  # gone already: nothing to judge
+
+
+def _reap(path: Path, grace: float) -> None:
+    """Unlink an orphan file unless a writer has just renamed a file of that name
+    into place. The caller holds the index's write transaction, so no save can
+    commit a record for it meanwhile; moving the file aside first means the age
+    judged is the age of the very file unlinked."""
+    aside = path.with_name(path.name + TEMP_MARK + "reap")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    if _young(aside, time.time(), grace):
+        os.rename(aside, path)  # a save's file: put it back for its commit
+        return
+    try:
+        os.unlink(aside)
+    except FileNotFoundError:
+        pass
+
+
+def _repair(store, remove: dict[bytes, Record], bad_keys, orphans, junk, temp_grace) -> None:
+    """Repair in ONE write transaction, judging against what the index holds then.
+
+    Records found bad are removed only if they are still the records that were
+    checked; records left without a parent (by those removals or by anyone else)
+    go too; the child links, the first-token links and the byte counter are
+    rebuilt from the records the transaction holds; orphan files are judged against
+    that same transaction. Files of removed records go after the commit.
+    """
     ix = store.index
 
     def fn(txn):
+        removed = []
         for rid in bad_keys:
-            txn.delete(rid, db=ix.records)
-        for parent, child in bad_links:
-            txn.delete(parent, child, db=ix.children)
-        for rid in remove:
-            rec = recs[rid]
-            txn.delete(rid, db=ix.records)
-            txn.delete(rec.parent, rid, db=ix.children)
-        for parent, rid in missing_links:
-            if rid not in remove:
-                txn.put(parent, rid, db=ix.children, dupdata=True)
-        kept = sum(r.nbytes for rid, r in recs.items() if rid not in remove)
-        # The first-token index is derived: rebuild it from the records kept.
-        txn.drop(ix.firsttok, delete=False)
-        for rid, rec in recs.items():
-            if rid not in remove and rec.tokens:
-                txn.put(Index.firsttok_key(rec), rid, db=ix.firsttok, dupdata=True)
-        ix.set_total(txn, kept)
+            raw = txn.get(rid, db=ix.records)
+            if raw is not None and ix.get(txn, rid) is None:
+                txn.delete(rid, db=ix.records)
+        for rid, rec in remove.items():
+            if _same(ix.get(txn, rid), rec):
+                txn.delete(rid, db=ix.records)
+                removed.append(rec)
+        current = {}
+        for rid, raw in ix.iter_records(txn):
+            try:
+                current[rid] = Record.decode(rid, raw)
+            except ValueError:
+                continue
+        for rid, rec in sorted(current.items(), key=lambda kv: kv[1].position):
+            parent = current.get(rec.parent)
+            if rec.start and (parent is None or parent.kind != KIND_BLOCK):
+                txn.delete(rid, db=ix.records)
+                removed.append(current.pop(rid))
+        _rebuild_derived(ix, txn, current)
+        for p in orphans:
+            if not _indexed(ix, txn, p):
+                _reap(p, temp_grace)
+        return removed
 
-    ix.write(fn)
+    removed = ix.write(fn)
     # Files go only after the index no longer points at them.
-    for rid in remove:
-        path = store.file_path(recs[rid])
+    for rec in removed:
+        path = store.file_path(rec)
         try:
             if path.is_symlink() or path.exists():
                 os.unlink(path)
@@ -215,3 +303,14 @@ def _repair(store, recs, remove, bad_keys, bad_links, missing_links, junk) -> No
             os.unlink(p)
         except FileNotFoundError:
             pass
+
+
+def _rebuild_derived(ix, txn, current: dict[bytes, Record]) -> None:
+    """Rebuild the child links, first-token links and byte counter from records."""
+    txn.drop(ix.children, delete=False)
+    txn.drop(ix.firsttok, delete=False)
+    for rid, rec in current.items():
+        txn.put(rec.parent, rid, db=ix.children, dupdata=True)
+        if rec.tokens:
+            txn.put(Index.firsttok_key(rec), rid, db=ix.firsttok, dupdata=True)
+    ix.set_total(txn, sum(r.nbytes for r in current.values()))
