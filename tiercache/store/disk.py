@@ -376,13 +376,36 @@ class DiskStore:
                     pass
 
     def _commit(self, new: list[Record], result: SaveResult) -> None:
+        """Commits a save's records (in chain order) and takes back the files of
+        those that could not be attached.
+
+        Which blocks exist was read before the files were written; a ``clear`` or
+        an eviction may have removed some since. Parents are therefore checked
+        again inside the commit: a record whose parent block is gone would be
+        unreachable, so it and everything after it are dropped, with their files.
+        """
         if not new:
             return
 
         def fn(txn):
-            return [r for r in new if self.index.insert(txn, r)]
+            added, dropped = [], []
+            for r in new:
+                parent = self.index.get(txn, r.parent) if r.start else None
+                if r.start and (parent is None or parent.kind != KIND_BLOCK):
+                    dropped.append(r)  # its children find their parent missing too
+                elif self.index.insert(txn, r):
+                    added.append(r)
+            # A dropped id another writer stored meanwhile owns its (identical) file.
+            return added, [r for r in dropped if txn.get(r.id, db=self.index.records) is None]
 
-        added = self.index.write(fn)
+        added, dropped = self.index.write(fn)
+        if dropped:
+            log.info("save: %d records lost their parent to a concurrent removal; not stored", len(dropped))
+        for r in dropped:
+            try:
+                self.file_path(r).unlink()
+            except FileNotFoundError:
+                pass
         result.records_written += len(added)
         result.bytes_written += sum(r.nbytes for r in added)
 
