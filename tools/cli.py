@@ -467,20 +467,23 @@ def clear(ctx, dir, namespace, yes, table):
 @click.argument("dir")
 @click.argument("id")
 @click.argument("out", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--follow-symlinks", is_flag=True,
+              help="If OUT is a symlink, write its target (refused by default).")
 @table_option
 @click.pass_context
-def export_cmd(ctx, dir, id, out, table):
+def export_cmd(ctx, dir, id, out, follow_symlinks, table):
     """Write stored prefix ID as an mlx-lm prompt-cache file (OUT.safetensors).
 
     mlx_lm.models.cache.load_prompt_cache reads it; the file's metadata carries
-    the token ids, the namespace and the tiercache format.
+    the token ids, the namespace and the tiercache format. OUT is written to a
+    temp file and renamed; OUT inside any tiercache store is refused.
 
     Example: tiercache export ~/.cache/tiercache 3fa2c81d prompt.safetensors
     """
     from tiercache.admin.interop import export_mlx_lm
 
     with open_store(dir) as store:
-        res = export_mlx_lm(store, id, out)
+        res = export_mlx_lm(store, id, out, follow_symlinks=follow_symlinks)
     data = dict(vars(res))
     emit(data, _want_table(ctx, table), lambda d: print_table(
         [("file", "path"), ("tokens", "tokens"), ("namespace", "namespace"), ("size", "s")],

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,7 +29,9 @@ from mlx.utils import tree_unflatten
 from ..store import layers as L
 from ..store.disk import DiskStore, RestorePlan, SaveResult
 from ..store.hashing import FORMAT_VERSION, model_files_fingerprint
+from ..store.blockfile import TEMP_MARK
 from ..store.index import Record
+from ..store.layout import INDEX_DIR
 from ..store.namespaces import model_namespace, probe_layer_desc
 from .inspect import chain_tokens, load_view, plan_for, resolve_id
 
@@ -89,21 +92,83 @@ def _plan_and_tokens(store: DiskStore, what: Any) -> tuple[RestorePlan, list[int
     return plan, chain_tokens(plan.records)[: plan.n_tokens]
 
 
-def export_mlx_lm(store: DiskStore, what: Any, out_path: str | os.PathLike) -> ExportResult:
+def _store_holding(folder: Path) -> Path | None:
+    """The tiercache store a folder is in (itself or an ancestor has an index)."""
+    for d in (folder, *folder.parents):
+        if (d / INDEX_DIR).exists():
+            return d
+    return None
+
+
+def _export_target(out_path: str | os.PathLike, follow_symlinks: bool) -> Path:
+    """Where an export may write: never inside a store, never through a symlink
+    unless asked (then the link's target is checked instead)."""
+    out = str(out_path)
+    if not out.endswith(".safetensors"):
+        out += ".safetensors"
+    path = Path(os.path.abspath(out))
+    if path.is_symlink():
+        if not follow_symlinks:
+            raise InteropError(
+                f"{path} is a symlink: refusing to write through it (--follow-symlinks to do so)"
+            )
+        path = Path(os.path.realpath(path))
+    if path.is_dir():
+        raise InteropError(f"{path} is a folder")
+    # Resolve the folder (symlinked folders included): a store reached through
+    # a link is still a store.
+    store_dir = _store_holding(Path(os.path.realpath(path.parent)))
+    if store_dir is not None:
+        raise InteropError(f"{path} is inside a tiercache store ({store_dir}): export elsewhere")
+    return path
+
+
+def _save_atomically(path: Path, cache: list, meta: dict) -> None:
+    """Writes the file under a temp name in its folder, fsyncs it and renames it
+    into place, so the destination holds the old file or the whole new one."""
+    import mlx_lm.models.cache as mlc
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}.safetensors")
+    try:
+        mlc.save_prompt_cache(str(tmp), cache, meta)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def export_mlx_lm(
+    store: DiskStore, what: Any, out_path: str | os.PathLike, *, follow_symlinks: bool = False
+) -> ExportResult:
     """Writes a stored prefix as an mlx-lm prompt-cache ``.safetensors`` file.
+
+    The file is written to a temp name next to the destination and renamed into
+    place. Destinations inside any tiercache store are refused (an export there
+    could overwrite a live block), and so is a symlink at the destination unless
+    ``follow_symlinks`` is set.
 
     Args:
         store: the store (read-only is fine).
         what: a :class:`Record`, a :class:`RestorePlan`, or a record id (bytes, or
             hex / a unique hex prefix of at least 8 digits).
-        out_path: the file to write (mlx adds ``.safetensors`` if missing).
+        out_path: the file to write (``.safetensors`` is added if missing).
+        follow_symlinks: write to the target of a symlink at ``out_path``.
 
     Raises:
-        InteropError / ValueError: unknown id, broken chain, unrestorable record.
+        InteropError / ValueError: unknown id, broken chain, unrestorable record,
+            or a destination refused as above.
         RestoreError: a block file is missing or corrupt.
     """
-    from mlx_lm.models.cache import save_prompt_cache
-
+    target = _export_target(out_path, follow_symlinks)
     plan, tokens = _plan_and_tokens(store, what)
     if plan.n_tokens == 0:
         raise InteropError("nothing to export: the prefix holds no tokens")
@@ -124,12 +189,8 @@ def export_mlx_lm(store: DiskStore, what: Any, out_path: str | os.PathLike) -> E
         "tokens": json.dumps(tokens, separators=(",", ":")),
         "model": model or "",
     }
-    out = str(out_path)
-    if not out.endswith(".safetensors"):
-        out += ".safetensors"
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    save_prompt_cache(out, cache, meta)
-    return ExportResult(out, len(tokens), plan.namespace.hex(), Path(out).stat().st_size)
+    _save_atomically(target, cache, meta)
+    return ExportResult(str(target), len(tokens), plan.namespace.hex(), target.stat().st_size)
 
 
 # --- safe reading ------------------------------------------------------------------------
