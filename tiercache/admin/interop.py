@@ -32,7 +32,7 @@ from ..store.hashing import FORMAT_VERSION, model_files_fingerprint
 from ..store.blockfile import TEMP_MARK
 from ..store.index import Record
 from ..store.layout import INDEX_DIR
-from ..store.namespaces import model_namespace, probe_layer_desc
+from ..store.namespaces import model_namespace, probe_layout
 from .inspect import chain_tokens, load_view, plan_for, resolve_id
 
 EXPORT_TAG = "export"
@@ -369,25 +369,29 @@ def import_mlx_lm(
     mp = Path(model_path)
     if not (mp / "config.json").is_file():
         raise InteropError(f"{mp} is not a model folder (no config.json)")
-    ns = None
+    ns, geometry = None, None
     if model is None:
         fp, _ = model_files_fingerprint(mp, store.file_digest)
         for cand in store.namespaces_for_files(fp):
             if store.layer_desc(cand) == desc:
-                ns = cand
+                ns, geometry = cand, store.geometry(cand)
                 break
-        if ns is None:
+        if geometry is None:  # the model's own cache shapes are needed: probe it
             import mlx_lm
 
             model, _ = mlx_lm.load(str(mp))
-    if ns is None:
-        layer_desc = probe_layer_desc(model)
+    if geometry is None:
+        layer_desc, geometry = probe_layout(model)
         if layer_desc != desc:
             raise InteropError(
                 "the file's cache layout does not match the model "
                 f"({_brief(desc)} vs {_brief(layer_desc)}): was it made with another model?"
             )
-        ns = model_namespace(store, mp, model, layer_desc=layer_desc)
+        ns = None
+    # Everything is checked before anything (the namespace included) is written.
+    _check_geometry(cache, geometry, toks)
+    if ns is None:
+        ns = model_namespace(store, mp, layer_desc=desc, geometry=geometry)
     res: SaveResult = store.save(ns, toks, cache)
     return ImportResult(
         namespace=ns.hex(),
@@ -397,6 +401,30 @@ def import_mlx_lm(
         records_skipped=res.records_skipped,
         source_namespace=meta.get("namespace"),
     )
+
+
+def _check_geometry(cache: list, geometry: dict, tokens: list[int]) -> None:
+    """Refuse arrays whose shapes or dtypes are not the model's own cache layout
+    (another head count or head size would fail every request extending these
+    tokens), and token ids outside the model's vocabulary."""
+    want = geometry.get("layers") or []
+    try:
+        got = L.cache_geometry(cache)
+    except (AttributeError, TypeError, KeyError, ValueError):
+        raise InteropError("the file's cache layers are empty or malformed") from None
+    if len(got) != len(want):
+        raise InteropError(f"the file has {len(got)} cache layers, the model {len(want)}")
+    for li, layer in enumerate(got):
+        for name, g in layer.items():
+            misfit = L.geometry_misfit(want, f"{li}.{name}", g[-1], g[:-1])
+            if misfit:
+                raise InteropError(f"the file does not fit the model: {misfit}")
+    vocab = geometry.get("vocab_size")
+    bad = [t for t in tokens if t < 0 or (vocab is not None and t >= vocab)]
+    if bad:
+        raise InteropError(
+            f"token id {bad[0]} is outside the model's vocabulary (0..{(vocab or 2**32) - 1})"
+        )
 
 
 def _brief(desc: list) -> str:

@@ -2,7 +2,8 @@
 
 Problems found: leftover temp files, orphan files (no record), symlinks where files
 should be, records whose file is missing, has the wrong size or fails its checksum,
-undecodable records, records whose parent block is gone, child links pointing to
+undecodable records, tensors that don't fit their namespace's cache geometry
+(head count, head size, dtype), records whose parent block is gone, child links pointing to
 nothing, records missing their child link, and drift of the byte counter.
 ``fix=True`` repairs all of them, so a second ``check()`` returns nothing.
 """
@@ -14,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from . import layers as L
 from .blockfile import TEMP_MARK, BlockFileError, HashingReader, list_files
 from .hashing import checkpoint_id, next_hash, unpack_tokens
 from .layout import BLOCKS_DIR, CHECKPOINTS_DIR
@@ -27,7 +29,9 @@ class Problem:
     Attributes:
         kind: ``temp_file``, ``orphan_file``, ``symlink``, ``missing_file``,
             ``size_mismatch``, ``checksum_mismatch``, ``bad_record``,
-            ``hash_mismatch`` (tokens do not hash to the record's id), ``dangling_parent``,
+            ``hash_mismatch`` (tokens do not hash to the record's id),
+            ``geometry_mismatch`` (tensors of another shape than the namespace's
+            recorded cache geometry), ``dangling_parent``,
             ``dangling_child``, ``missing_link``, ``prefix_link``
             (first-token index entry stale or missing) or ``byte_drift``.
         target: the file path or record id (hex) concerned.
@@ -42,7 +46,7 @@ class Problem:
         return asdict(self)
 
 
-def _verify_file(path: Path, rec: Record) -> tuple[str, str] | None:
+def _verify_file(path: Path, rec: Record, geometry: list | None = None) -> tuple[str, str] | None:
     if path.is_symlink():
         return "symlink", "a symlink stands where the file should be"
     try:
@@ -53,10 +57,26 @@ def _verify_file(path: Path, rec: Record) -> tuple[str, str] | None:
         return "size_mismatch", f"file has {size} bytes, record says {rec.nbytes}"
     try:
         r = HashingReader(path, rec.nbytes)
-        r.finish(rec.checksum)
+        try:
+            misfit = geometry is not None and _geometry_misfit(r, geometry)
+            r.finish(rec.checksum)
+        finally:
+            r.close()
     except BlockFileError as e:
         kind = "checksum_mismatch" if "checksum" in str(e) else "size_mismatch"
         return kind, str(e)
+    if misfit:
+        return "geometry_mismatch", misfit
+    return None
+
+
+def _geometry_misfit(r: HashingReader, geometry: list) -> str | None:
+    """Why a file's tensors don't fit its namespace's geometry (None if they do)."""
+    for name in r.tensors_in_order():
+        dt, shape, _, _ = r.tensor_info(name)
+        misfit = L.geometry_misfit(geometry, name, dt, shape)
+        if misfit:
+            return misfit
     return None
 
 
@@ -127,7 +147,8 @@ def check_store(store, fix: bool = False, temp_grace: float = 60.0) -> list[Prob
             elif p.is_file():
                 on_disk[str(p)] = p
 
-    # Records against their files and parents.
+    # Records against their files, their namespace's geometry and their parents.
+    geometry = {ns: (d.get("geometry") or {}).get("layers") for ns, d in store.namespaces().items()}
     remove: dict[bytes, str] = {}
     for rid, rec in recs.items():
         path = store.file_path(rec)
@@ -136,7 +157,7 @@ def check_store(store, fix: bool = False, temp_grace: float = 60.0) -> list[Prob
             problems.append(Problem("hash_mismatch", rid.hex(), "id is not the hash of the record's tokens"))
             remove[rid] = "hash_mismatch"
             continue
-        issue = _verify_file(path, rec)
+        issue = _verify_file(path, rec, geometry.get(rec.namespace))
         if issue:
             problems.append(Problem(issue[0], rid.hex(), f"{KIND_NAMES[rec.kind]}: {issue[1]}"))
             remove[rid] = issue[0]
@@ -180,7 +201,10 @@ def check_store(store, fix: bool = False, temp_grace: float = 60.0) -> list[Prob
     return problems
 
 
-_RECORD_KINDS = {"missing_file", "size_mismatch", "checksum_mismatch", "hash_mismatch", "dangling_parent"}
+_RECORD_KINDS = {
+    "missing_file", "size_mismatch", "checksum_mismatch", "hash_mismatch", "geometry_mismatch",
+    "dangling_parent",
+}
 
 
 def _same(a: Record | None, b: Record) -> bool:

@@ -134,6 +134,7 @@ class DiskStore:
         self.disk_bytes = disk_bytes
         self.readonly = readonly
         self._desc_cache: dict[bytes, list] = {}
+        self._geo_cache: dict[bytes, dict] = {}
         self._touch_lock = threading.Lock()
         self._touches: dict[bytes, list] = {}
         self._save_lock = threading.Lock()
@@ -183,9 +184,20 @@ class DiskStore:
     # --- namespaces ---------------------------------------------------------------------
 
     def register_namespace(
-        self, files_fingerprint: bytes, layer_desc: list, description: dict | None = None
+        self,
+        files_fingerprint: bytes,
+        layer_desc: list,
+        description: dict | None = None,
+        geometry: dict | None = None,
     ) -> Namespace:
-        """Records a model + cache layout and returns its namespace id."""
+        """Records a model + cache layout and returns its namespace id.
+
+        Args:
+            geometry: shapes and vocabulary size of the model's cache (see
+                :func:`tiercache.store.namespaces.probe_layout`); recorded with the
+                namespace, also for one registered before without it. Restores and
+                ``check`` refuse stored tensors that don't fit it.
+        """
         ns = namespace_id(files_fingerprint, layer_desc, self.block_size)
         with self.index.read() as txn:
             known = self.index.get_namespace(txn, ns)
@@ -199,9 +211,25 @@ class DiskStore:
                 "mlx_lm_version": _version("mlx-lm"),
                 "model": description or {},
             }
+            if geometry is not None:
+                desc["geometry"] = geometry
             self.index.write(lambda txn: self.index.put_namespace(txn, ns, desc, files_fingerprint))
+        elif known is not None and geometry is not None and "geometry" not in known and not self.readonly:
+            known["geometry"] = geometry
+            self.index.write(lambda txn: self.index.put_namespace(txn, ns, known, files_fingerprint))
         self._desc_cache[ns] = list(layer_desc)
         return ns
+
+    def geometry(self, ns: bytes) -> dict | None:
+        """The namespace's recorded cache geometry, or None (registered without a model)."""
+        if ns not in self._geo_cache:
+            with self.index.read() as txn:
+                d = self.index.get_namespace(txn, ns)
+            geo = (d or {}).get("geometry")
+            if not isinstance(geo, dict):
+                return None  # not cached: a later registration may record it
+            self._geo_cache[ns] = geo
+        return self._geo_cache[ns]
 
     def namespaces_for_files(self, files_fingerprint: bytes) -> list[Namespace]:
         """Namespaces stored for a model's files (one per cache layout / dtype)."""
@@ -438,9 +466,11 @@ class DiskStore:
         """Builds mlx-lm cache objects for a plan, verifying every file.
 
         Raises:
-            RestoreError: a file is missing, truncated or fails its checksum.
+            RestoreError: a file is missing, truncated or fails its checksum, or
+                holds tensors that don't fit the namespace's geometry.
         """
-        return read_plan(plan, self.file_path)
+        geo = self.geometry(plan.namespace)
+        return read_plan(plan, self.file_path, geo.get("layers") if geo else None)
 
     def fetch(
         self,

@@ -146,6 +146,56 @@ def describe_cache(cache: list) -> list[dict]:
     return [describe_layer(c) for c in cache]
 
 
+def _tensor_geometry(name: str, dtype: str, shape) -> list:
+    """``[dims..., dtype]`` of one stored tensor; the sequence axis (axis 2 of K/V
+    tensors) is ``-1``. ArraysCache arrays (names ``a<j>``) have no sequence axis."""
+    dims = [int(x) for x in shape]
+    if not name.rpartition(".")[2].startswith("a") and len(dims) == 4:
+        dims[2] = -1
+    return dims + [dtype]
+
+
+def layer_geometry(layer: Any) -> dict[str, list]:
+    """Shapes and dtypes of the tensors a layer is stored as, by tensor name as it
+    appears in block files after the layer index (``k``, ``v``, ``s.<state name>``).
+
+    Part of a namespace's description: a file whose tensors don't fit it (another
+    head count or head size) must never be restored into the model.
+    """
+    if isinstance(layer, HostLayer):
+        named = [(n, dt, v.shape) for n, (dt, v) in layer.arrays.items()]
+        split = is_splittable(layer.desc)
+    elif is_splittable(describe_layer(layer)):
+        named, split = [(n, dtype_name(a.dtype), a.shape) for n, a in _kv_arrays(layer)], True
+    else:
+        tensors, _ = encode_state(layer)
+        named, split = [(n, dtype_name(a.dtype), a.shape) for n, a in tensors.items()], False
+    return {
+        (n if split else f"s.{n}"): _tensor_geometry(n, dt, shape) for n, dt, shape in named
+    }
+
+
+def cache_geometry(cache: list) -> list[dict[str, list]]:
+    """:func:`layer_geometry` of every layer of a prompt cache."""
+    return [layer_geometry(c) for c in cache]
+
+
+def geometry_misfit(layers: list[dict], name: str, dtype: str, shape) -> str | None:
+    """Why a stored tensor ``name`` (``<layer>.<suffix>``) doesn't fit a namespace's
+    geometry, or None when it fits."""
+    li, _, suffix = name.partition(".")
+    try:
+        want = layers[int(li)].get(suffix)
+    except (ValueError, IndexError):
+        want = None
+    if want is None:
+        return f"tensor {name} is not part of the model's cache layout"
+    got = _tensor_geometry(suffix, dtype, shape)
+    if len(got) != len(want) or any(w not in (-1, g) for w, g in zip(want, got)):
+        return f"tensor {name} is {got}, the model's cache layout wants {want}"
+    return None
+
+
 def is_splittable(desc: dict) -> bool:
     return desc["class"] in SPLITTABLE
 

@@ -51,15 +51,21 @@ def _prefetch(paths: Sequence[Path]) -> None:
             os.close(fd)
 
 
-def read_plan(plan: RestorePlan, file_path: Callable[[Record], Path]) -> list | None:
+def read_plan(
+    plan: RestorePlan, file_path: Callable[[Record], Path], geometry: list | None = None
+) -> list | None:
     """Builds mlx-lm cache objects for a plan, verifying every file.
 
     Args:
         plan: from :func:`tiercache.store.lookup.find_longest_prefix`.
         file_path: where a record's file lives.
+        geometry: the namespace's per-layer tensor geometry
+            (:func:`tiercache.store.layers.layer_geometry`), when recorded: a
+            tensor that doesn't fit it fails the restore instead of the model.
 
     Raises:
-        RestoreError: a file is missing, truncated or fails its checksum.
+        RestoreError: a file is missing, truncated, fails its checksum or holds a
+            tensor that doesn't fit ``geometry``.
     """
     if plan.n_tokens == 0:
         return None
@@ -83,7 +89,7 @@ def read_plan(plan: RestorePlan, file_path: Callable[[Record], Path]) -> list | 
     for rec in plan.records:
         use = min(rec.n_tokens, n_total - row)
         try:
-            meta = _read_record(file_path(rec), rec, use, row, n_total, split, dests, state_arrays)
+            meta = _read_record(file_path(rec), rec, use, row, n_total, split, dests, state_arrays, geometry)
         except (BlockFileError, OSError, KeyError, ValueError, TypeError) as e:
             raise RestoreError(rec, str(e)) from None
         if meta is not None:
@@ -104,13 +110,16 @@ def read_plan(plan: RestorePlan, file_path: Callable[[Record], Path]) -> list | 
     return cache
 
 
-def _read_record(path, rec, use, row, n_total, split, dests, state_arrays):
+def _read_record(path, rec, use, row, n_total, split, dests, state_arrays, geometry=None):
     """Reads one record's file into the restore buffers; returns its layer states."""
     r = HashingReader(path, rec.nbytes)
     states = None
     try:
         for name in r.tensors_in_order():
             dt, shape, s, e = r.tensor_info(name)
+            misfit = geometry is not None and L.geometry_misfit(geometry, name, dt, shape)
+            if misfit:
+                raise BlockFileError(f"geometry: {misfit}")
             li_str, _, suffix = name.partition(".")
             li = int(li_str)
             r.skip_to(s)
