@@ -149,7 +149,7 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
             yield
         finally:
             logger.info("shutting down: stopping the worker")
-            await run_in_threadpool(worker.stop, 30.0)
+            await run_in_threadpool(worker.stop, cfg.shutdown_timeout)
             if engine.cache is not None:
                 logger.info("flushing the cache (up to %.1fs)", cfg.flush_timeout)
                 try:
@@ -160,6 +160,9 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
 
     app = FastAPI(title="tiercache", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine, app.state.worker, app.state.metrics = engine, worker, metrics
+    # Called on SIGINT/SIGTERM (server.cli), before uvicorn waits for connections:
+    # queued requests are answered 503 now, the running one within the timeout.
+    app.state.begin_shutdown = lambda: worker.begin_shutdown(cfg.shutdown_timeout)
     app.add_middleware(JsonByDefault)
     app.add_middleware(BodyLimit)
     app.add_middleware(CountRequests, metrics=metrics)
@@ -258,6 +261,8 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
                     finish, usage = ev[1], ev[2]
                     break
                 elif ev[0] == "error":
+                    if isinstance(ev[1], NotAccepting):  # shutdown deadline
+                        return error_response(503, str(ev[1]), None, "not_ready")
                     return error_response(500, f"generation failed: {ev[1]}", None,
                                           "generation_failed")
         except BaseException:
@@ -306,7 +311,10 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
                             {**base, "object": obj, "choices": [], "usage": ev[2]}) + "\n\n"
                     break
                 elif ev[0] == "error":
-                    yield sse_error(f"generation failed: {ev[1]}")
+                    if isinstance(ev[1], NotAccepting):  # shutdown deadline
+                        yield sse_error(str(ev[1]), 503)
+                    else:
+                        yield sse_error(f"generation failed: {ev[1]}")
                     break
             done = True
             yield "data: [DONE]\n\n"

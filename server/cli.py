@@ -1,28 +1,38 @@
 """``tiercache-server``: parse flags, run uvicorn, shut down cleanly.
 
-SIGINT/SIGTERM stop accepting connections, let in-flight requests finish
-(bounded), cancel what is left, flush the cache writer and exit 0.
+SIGINT/SIGTERM stop accepting connections, answer queued requests 503 at once,
+let the running request finish within ``--shutdown-timeout`` (then cancel it
+with a clean error), flush the cache writer within ``--flush-timeout`` and exit 0.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import Sequence
 
 from .config import parse_config
+
+# Seconds uvicorn waits for connections beyond --shutdown-timeout.
+_GRACE_MARGIN = 5.0
 
 
 class _Server:
     """Factory for a uvicorn server that exits 0 on SIGINT/SIGTERM."""
 
     @staticmethod
-    def build(config):
+    def build(config, on_signal=None):
         import uvicorn
 
         class Server(uvicorn.Server):
             def handle_exit(self, sig, frame):
                 super().handle_exit(sig, frame)
+                if on_signal is not None:
+                    # Not inside the signal handler: it may have interrupted
+                    # the event loop while it held the worker's lock.
+                    threading.Thread(target=on_signal, name="tiercache-signal",
+                                     daemon=True).start()
                 # uvicorn re-raises captured signals after shutdown, which
                 # would turn a clean stop into "killed by SIGTERM".
                 captured = getattr(self, "_captured_signals", None)
@@ -65,10 +75,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=cfg.port,
         log_level=cfg.log_level.lower(),
         access_log=False,
-        timeout_graceful_shutdown=30,
+        # The worker answers every request within shutdown_timeout; uvicorn's own
+        # deadline (which cancels handlers mid-response) only backs that up.
+        timeout_graceful_shutdown=cfg.shutdown_timeout + _GRACE_MARGIN,
         lifespan="on",
     )
-    server = _Server.build(config)
+    server = _Server.build(config, on_signal=app.state.begin_shutdown)
     state["server"] = server
     try:
         server.run()

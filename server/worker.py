@@ -45,6 +45,7 @@ class Job:
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
         self._cancelled = threading.Event()
+        self.finished = threading.Event()  # set once the worker is done with it
         self.id = params.request_id or f"req-{next(_ids)}"
         params.request_id = self.id
 
@@ -141,6 +142,44 @@ class Worker:
             self._cond.notify()
         return fut
 
+    def begin_shutdown(self, timeout: float) -> None:
+        """Stop accepting, fail queued jobs now, bound the running one. Returns at once.
+
+        Queued jobs get a :class:`NotAccepting` error event (HTTP 503). The running
+        job may finish within ``timeout`` seconds; then it gets the same error
+        event, first, so its client is answered even if the generation step under
+        way takes a while to notice the cancel that follows.
+
+        Args:
+            timeout: Seconds the running job may still take.
+        """
+        with self._cond:
+            if self._stopping:
+                return
+            self._stopping = True
+            pending = list(self._jobs)
+            self._jobs.clear()
+            controls = list(self._control)
+            self._control.clear()
+            current = self._current
+            self._cond.notify_all()
+        for job in pending:
+            job.cancel()
+            job.emit(("error", NotAccepting("the server is shutting down")))
+        for _, fut in controls:
+            fut.set_exception(NotAccepting("the server is shutting down"))
+        if current is not None:
+            threading.Thread(target=self._deadline, args=(current, timeout),
+                             name="tiercache-shutdown", daemon=True).start()
+
+    @staticmethod
+    def _deadline(job: Job, timeout: float) -> None:
+        if job.finished.wait(timeout):
+            return
+        logger.warning("shutdown: cancelling request %s after %.1fs", job.id, timeout)
+        job.emit(("error", NotAccepting("the server is shutting down: the request was cancelled")))
+        job.cancel()
+
     def stop(self, timeout: float = 30.0) -> None:
         """Stop accepting, cancel queued and running jobs, join the thread.
 
@@ -213,6 +252,7 @@ class Worker:
                 logger.exception("generation failed for %s", job.id)
                 job.emit(("error", exc))
             finally:
+                job.finished.set()
                 with self._cond:
                     self._current = None
         self.state = "stopped"
