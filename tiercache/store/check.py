@@ -106,10 +106,24 @@ def check_store(store, fix: bool = False, temp_grace: float = 60.0) -> list[Prob
         The problems found (before repair).
     """
     store.flush_touches()
-    ix = store.index
     problems: list[Problem] = []
-    bad_keys: list[bytes] = []
+    recs, bad_keys, links, first_links, total = _snapshot(store.index, problems)
+    on_disk, junk = _scan_files(store, temp_grace, problems)
+    remove = _judge_records(store, recs, on_disk, problems)
+    orphans = _settle(store, recs, problems, list(on_disk.values()), temp_grace)
+    for p in orphans:
+        problems.append(Problem("orphan_file", str(p), "file has no record"))
+    _judge_links(recs, links, first_links, total, problems)
+    if fix and problems:
+        _repair(store, {rid: recs[rid] for rid in remove}, bad_keys, orphans, junk, temp_grace)
+    return problems
+
+
+def _snapshot(ix, problems: list[Problem]):
+    """Records, undecodable keys, child links, first-token links and the byte
+    counter, all from one read transaction."""
     recs: dict[bytes, Record] = {}
+    bad_keys: list[bytes] = []
     with ix.read() as txn:
         for rid, raw in ix.iter_records(txn):
             try:
@@ -117,17 +131,16 @@ def check_store(store, fix: bool = False, temp_grace: float = 60.0) -> list[Prob
             except ValueError:
                 problems.append(Problem("bad_record", rid.hex(), "record cannot be decoded"))
                 bad_keys.append(rid)
-        links = []
         cur = txn.cursor(db=ix.children)
-        for parent, child in cur.iternext(keys=True, values=True):
-            links.append((bytes(parent), bytes(child)))
-        first_links = set()
+        links = [(bytes(p), bytes(c)) for p, c in cur.iternext(keys=True, values=True)]
         cur = txn.cursor(db=ix.firsttok)
-        for key, child in cur.iternext(keys=True, values=True):
-            first_links.add((bytes(key), bytes(child)))
+        first_links = {(bytes(k), bytes(c)) for k, c in cur.iternext(keys=True, values=True)}
         total = ix.total_bytes(txn)
+    return recs, bad_keys, links, first_links, total
 
-    # Files on disk.
+
+def _scan_files(store, temp_grace: float, problems: list[Problem]) -> tuple[dict[str, Path], list[Path]]:
+    """Block and checkpoint files (by path), and junk: symlinks and old temp files."""
     now = time.time()
     on_disk: dict[str, Path] = {}
     junk: list[Path] = []
@@ -146,8 +159,12 @@ def check_store(store, fix: bool = False, temp_grace: float = 60.0) -> list[Prob
                     junk.append(p)
             elif p.is_file():
                 on_disk[str(p)] = p
+    return on_disk, junk
 
-    # Records against their files, their namespace's geometry and their parents.
+
+def _judge_records(store, recs, on_disk, problems) -> dict[bytes, str]:
+    """Records against their files, their namespace's geometry and their parents;
+    takes each record's file out of ``on_disk``. Returns the records to remove."""
     geometry = {ns: (d.get("geometry") or {}).get("layers") for ns, d in store.namespaces().items()}
     remove: dict[bytes, str] = {}
     for rid, rec in recs.items():
@@ -171,10 +188,11 @@ def check_store(store, fix: bool = False, temp_grace: float = 60.0) -> list[Prob
             if parent is None:
                 problems.append(Problem("dangling_parent", rid.hex(), "parent block is missing"))
             remove[rid] = "dangling_parent"
-    orphans = _settle(store, recs, problems, list(on_disk.values()), temp_grace)
-    for p in orphans:
-        problems.append(Problem("orphan_file", str(p), "file has no record"))
+    return remove
 
+
+def _judge_links(recs, links, first_links, total, problems) -> None:
+    """Child links, first-token links and the byte counter against the records."""
     link_set = set(links)
     for parent, child in links:
         rec = recs.get(child)
@@ -183,22 +201,14 @@ def check_store(store, fix: bool = False, temp_grace: float = 60.0) -> list[Prob
     for rid, rec in recs.items():
         if (rec.parent, rid) not in link_set:
             problems.append(Problem("missing_link", rid.hex(), "record is not linked from its parent"))
-
-    want_first = {
-        (Index.firsttok_key(rec), rid) for rid, rec in recs.items() if rec.tokens
-    }
+    want_first = {(Index.firsttok_key(rec), rid) for rid, rec in recs.items() if rec.tokens}
     for key, child in sorted(first_links - want_first):
         problems.append(Problem("prefix_link", child.hex(), "first-token link to nothing"))
     for key, child in sorted(want_first - first_links):
         problems.append(Problem("prefix_link", child.hex(), "record missing its first-token link"))
-
     expected = sum(r.nbytes for r in recs.values())
     if expected != total:
         problems.append(Problem("byte_drift", "total_bytes", f"counter {total} != records {expected}"))
-
-    if fix and problems:
-        _repair(store, {rid: recs[rid] for rid in remove}, bad_keys, orphans, junk, temp_grace)
-    return problems
 
 
 _RECORD_KINDS = {
