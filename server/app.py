@@ -421,7 +421,10 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
             fut = worker.call(lambda: engine.cache.clear(tier))
         except NotAccepting as exc:
             raise APIError(503, str(exc), None, "not_ready") from None
-        await asyncio.wrap_future(fut)
+        try:
+            await asyncio.wrap_future(fut)
+        except NotAccepting as exc:  # shutdown began before it ran
+            raise APIError(503, str(exc), None, "not_ready") from None
         logger.info("cache reset (%s)", tier or "all tiers")
         return {"object": "cache.reset", "tier": tier or "all", "status": "ok"}
 
