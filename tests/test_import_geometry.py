@@ -168,3 +168,25 @@ def test_server_request_extending_misfit_tokens_succeeds(
     with DiskStore(d) as store:
         assert {p.kind for p in store.check(temp_grace=0)} <= {"geometry_mismatch"}
     shutil.rmtree(d)
+
+
+def test_namespace_made_by_an_insert_records_the_geometry(tmp_path, tiny_llama_path, tiny_llama,
+                                                          make_tokens):
+    """Without register_model the first insert registers the namespace: it records
+    the cache geometry too, so restores of misfits are refused there as well."""
+    from tiercache import TieredPromptCache
+    from tiercache.store.namespaces import probe_layout
+
+    model, _ = tiny_llama
+    toks = make_tokens(2 * B + 1, seed=6)
+    cache = make_prompt_cache(model)
+    prefill(model, toks, cache)
+    tc = TieredPromptCache(disk_dir=tmp_path / "d", block_size=B)
+    tc.insert_cache(str(tiny_llama_path), toks, cache)
+    assert tc.flush(30)
+    ns = tc._ns_by_key[str(tiny_llama_path)]
+    assert tc.disk.geometry(ns)["layers"] == probe_layout(model)[1]["layers"]
+    # register_model adds what an insert can't know (the vocabulary size).
+    assert tc.register_model("m", tiny_llama_path, model) == ns
+    assert tc.disk.geometry(ns)["vocab_size"] == 512
+    assert tc.close()

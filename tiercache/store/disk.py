@@ -214,9 +214,12 @@ class DiskStore:
             if geometry is not None:
                 desc["geometry"] = geometry
             self.index.write(lambda txn: self.index.put_namespace(txn, ns, desc, files_fingerprint))
-        elif known is not None and geometry is not None and "geometry" not in known and not self.readonly:
-            known["geometry"] = geometry
-            self.index.write(lambda txn: self.index.put_namespace(txn, ns, known, files_fingerprint))
+        elif known is not None and geometry is not None and not self.readonly:
+            had = known.get("geometry") or {}
+            if {**geometry, **had} != had:  # add what is missing, never change what is there
+                known["geometry"] = {**geometry, **had}
+                self.index.write(lambda txn: self.index.put_namespace(txn, ns, known, files_fingerprint))
+                self._geo_cache.pop(ns, None)
         self._desc_cache[ns] = list(layer_desc)
         return ns
 

@@ -245,7 +245,13 @@ class TieredPromptCache:
         files = self._files(key)
         if files is None:
             return None
-        ns = self.disk.register_namespace(files[0], L.describe_cache(prompt_cache), files[1])
+        try:  # the cache comes from the model: its shapes are the model's geometry
+            geometry = {"layers": L.cache_geometry(prompt_cache)}
+        except (L.UnsupportedCacheError, AttributeError, TypeError):
+            geometry = None  # restores are then checked by class and dtype only
+        ns = self.disk.register_namespace(
+            files[0], L.describe_cache(prompt_cache), files[1], geometry=geometry
+        )
         with self._ns_lock:
             self._ns_by_key[key] = ns
         return ns
