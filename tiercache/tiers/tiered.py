@@ -41,6 +41,8 @@ from .writer import BackgroundWriter, WriteJob
 log = logging.getLogger("tiercache")
 
 WRITE_POLICIES = ("through", "back")
+UNLIMITED_BYTES = 1 << 63
+"""A memory budget this large (mlx-lm's default) is no budget."""
 
 
 @dataclass
@@ -127,7 +129,7 @@ class TieredPromptCache:
     def __init__(
         self,
         max_size: int = 10,
-        max_bytes: int = 1 << 63,
+        max_bytes: int = UNLIMITED_BYTES,
         *,
         disk_dir=None,
         disk_bytes: int | None = None,
@@ -426,7 +428,8 @@ class TieredPromptCache:
             "memory": {
                 "entries": len(self.memory),
                 "bytes": self.memory.nbytes,
-                "budget_bytes": self.memory.max_bytes,
+                # 1 << 63 (mlx-lm's default) means no budget: say so, not a 19-digit number.
+                "budget_bytes": self.memory.max_bytes if self.memory.max_bytes < UNLIMITED_BYTES else None,
                 "hits": m["hits"],
                 "hit_tokens": m["hit_tokens"],
                 "evictions": m["evictions"],
