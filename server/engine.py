@@ -376,6 +376,7 @@ class Engine:
         if prompt_cache is None:
             prompt_cache = make_prompt_cache(self.model)
             rest = tokens
+        t_fetched, n_prefill = time.perf_counter(), len(rest)
         if self.metrics is not None:
             self.metrics.observe_fetch(len(tokens), memory, disk, restore_s)
         usage = {
@@ -453,6 +454,9 @@ class Engine:
         self._insert(tokens + generated, prompt_cache, p.salt, can_trim_prompt_cache,
                      trim_prompt_cache)
 
+        if prefill_done is not None and finish != "cancelled":
+            # Teaches the cache's cost model how fast this model prefills here.
+            self.cache.observe_prefill(n_prefill, prefill_done - t_fetched)
         prefill_s = (prefill_done or t_end) - t_start
         ttft = (t_first - p.arrived) if t_first is not None else None
         decode_s = t_end - (t_first or t_end)
