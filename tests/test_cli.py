@@ -175,6 +175,25 @@ def test_show(filled, tiny_llama):
     assert row["id"] in out and chain[0]["id"] in out
 
 
+def test_show_cuts_a_long_text_unless_full(tmp_path, tiny_llama_path, tiny_llama):
+    model, tok = tiny_llama
+    d = tmp_path / "store"
+    long_text = " ".join(TEXTS * 4)  # ~340 characters
+    _, (toks,) = _fill(d, tiny_llama_path, model, tok, texts=[long_text])
+    whole = tok.decode(toks)
+    assert len(whole) > 300
+    rid = next(r["id"] for r in _ls(d) if r["tokens"] == len(toks))
+    short_data = jrun("show", d, rid)
+    assert short_data["text"] == whole[:200]
+    assert short_data["text_chars"] == len(whole) and short_data["text_truncated"] is True
+    full = jrun("show", d, rid, "--full")
+    assert full["text"] == whole and "text_truncated" not in full
+    out = run("show", d, rid, "--table").stdout
+    assert f"the start of {len(whole)} characters; --full prints all" in out
+    assert whole[:40] in out and whole[-40:] not in out
+    assert whole[-40:] in run("show", d, rid, "--table", "--full").stdout.replace("\n", " ")
+
+
 def test_verify_clean(filled):
     d, _, _ = filled
     data = jrun("verify", d)

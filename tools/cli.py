@@ -271,18 +271,39 @@ def ls(ctx, dir, namespace, sort, limit, words, table):
     emit(rows, _want_table(ctx, table), render)
 
 
+SHOW_CHARS = 200
+"""Characters of decoded text ``show`` prints unless ``--full``."""
+SHOW_TOKEN_IDS = 50
+"""Token ids ``show`` prints (when the text can't be decoded) unless ``--full``."""
+
+
+def _shorten_text(data: dict) -> None:
+    """Cut ``show``'s text (or token ids) to its start; say how much there is."""
+    if "text" in data:
+        data["text_chars"] = len(data["text"])
+        data["text_truncated"] = len(data["text"]) > SHOW_CHARS
+        data["text"] = data["text"][:SHOW_CHARS]
+    elif "token_ids" in data:
+        data["text_truncated"] = len(data["token_ids"]) > SHOW_TOKEN_IDS
+        data["token_ids"] = data["token_ids"][:SHOW_TOKEN_IDS]
+
+
 @main.command()
 @click.argument("dir")
 @click.argument("id")
+@click.option("--full", is_flag=True, default=False,
+              help=f"Print the whole text (default: the first {SHOW_CHARS} characters).")
 @table_option
 @click.pass_context
-def show(ctx, dir, id, table):
+def show(ctx, dir, id, full, table):
     """Show one stored prefix: its chain of blocks, token count, decoded text (or
     token ids), files, sizes, checksums and the checkpoints along it.
 
     ID is a record id from `ls` (any unique prefix of at least 8 hex digits).
+    The text is cut to its first characters (system prompts run to tens of
+    thousands of tokens) unless --full is given.
 
-    Example: tiercache show ~/.cache/tiercache 3fa2c81d
+    Example: tiercache show ~/.cache/tiercache/store 3fa2c81d
     """
     from tiercache.admin import inspect as I
 
@@ -290,6 +311,8 @@ def show(ctx, dir, id, table):
         view = I.load_view(store)
         rec = I.resolve_id(view, id)
         data = I.prefix_detail(store, view, rec, I.TextDecoder(view))
+    if not full:
+        _shorten_text(data)
 
     def render(d):
         now = time.time()
@@ -307,7 +330,11 @@ def show(ctx, dir, id, table):
         if d["checkpoints"]:
             con.print("other restore points along this chain: "
                       + ", ".join(f"{c['kind']} @{c['position']} {c['id'][:12]}" for c in d["checkpoints"]))
-        con.print("text:" if "text" in d else "token ids:")
+        what = "text" if "text" in d else "token ids"
+        if d.get("text_truncated"):
+            total = f"{d['text_chars']} characters" if "text" in d else f"{d['tokens']} ids"
+            what += f" (the start of {total}; --full prints all)"
+        con.print(what + ":", markup=False)
         con.print(d["text"] if "text" in d else json.dumps(d["token_ids"]), markup=False)
 
     emit(data, _want_table(ctx, table), render)
