@@ -81,6 +81,24 @@ def _ls(d, *extra):
 # --- help and docs --------------------------------------------------------------------------
 
 
+def test_docs_agree_on_the_store_path_and_describe_the_folder():
+    # docs/cli.md used ~/.cache/tiercache (the demo model's home, not a store)
+    # while the README served ~/.cache/tiercache/store.
+    readme, cli_md = (ROOT / "README.md").read_text(), (ROOT / "docs" / "cli.md").read_text()
+    helps = "\n".join(main.commands[c].help or "" for c in COMMANDS)
+    verbs = "|".join(COMMANDS)
+    paths = set()
+    for text in (readme, cli_md, helps):
+        paths |= set(re.findall(rf"tiercache (?:{verbs}) (~\S+)", text))
+        paths |= set(re.findall(r"--disk-dir (~\S+)", text))
+    assert paths == {"~/.cache/tiercache/store"}
+    from tiercache.store.layout import BLOCKS_DIR, CHECKPOINTS_DIR, INDEX_DIR
+
+    for text in (readme, cli_md):
+        assert all(f"{d}/" in text for d in (INDEX_DIR, BLOCKS_DIR, CHECKPOINTS_DIR))
+        assert ".venv/bin/tiercache" in text and "source .venv/bin/activate" in text
+
+
 def test_every_command_has_help():
     assert sorted(main.commands) == sorted(COMMANDS)
     res = run("--help")

@@ -190,7 +190,7 @@ def stats(ctx, dir, budget, table):
     tokens stored vs physical tokens (the dedup ratio), oldest/newest access and
     hits (restores served).
 
-    Example: tiercache stats ~/.cache/tiercache --table
+    Example: tiercache stats ~/.cache/tiercache/store --table
     """
     from tiercache.admin import inspect as I
 
@@ -245,7 +245,7 @@ def ls(ctx, dir, namespace, sort, limit, words, table):
     (when the model's tokenizer is found at the path recorded in the store; token
     ids otherwise).
 
-    Example: tiercache ls ~/.cache/tiercache --sort size --limit 20 --table
+    Example: tiercache ls ~/.cache/tiercache/store --sort size --limit 20 --table
     """
     from tiercache.admin import inspect as I
 
@@ -390,7 +390,7 @@ def verify(ctx, dir, fix, temp_grace, table):
     Exits 0 when clean, 1 when problems remain (after --fix: when the repair
     could not clear them).
 
-    Example: tiercache verify ~/.cache/tiercache --fix
+    Example: tiercache verify ~/.cache/tiercache/store --fix
     """
     with open_store(dir, write=fix) as store:
         found = _settled(store, store.check(fix=False, temp_grace=temp_grace), temp_grace)
@@ -435,7 +435,7 @@ def evict(ctx, dir, to, namespace, older_than, table):
     --older-than). A block is never evicted while a longer prefix built on it
     stays. Safe while a server uses the store.
 
-    Example: tiercache evict ~/.cache/tiercache --older-than 7d
+    Example: tiercache evict ~/.cache/tiercache/store --older-than 7d
     """
     from tiercache.admin import inspect as I
 
@@ -473,7 +473,7 @@ def clear(ctx, dir, namespace, yes, table):
 
     Namespace descriptions are kept, so a running server keeps working.
 
-    Example: tiercache clear ~/.cache/tiercache --yes
+    Example: tiercache clear ~/.cache/tiercache/store --yes
     """
     with open_store(dir, write=True) as store:
         view, ns = _view_and_ns(store, namespace)
@@ -502,7 +502,7 @@ def export_cmd(ctx, dir, id, out, table):
     mlx_lm.models.cache.load_prompt_cache reads it; the file's metadata carries
     the token ids, the namespace and the tiercache format.
 
-    Example: tiercache export ~/.cache/tiercache 3fa2c81d prompt.safetensors
+    Example: tiercache export ~/.cache/tiercache/store 3fa2c81d prompt.safetensors
     """
     from tiercache.admin.interop import export_mlx_lm
 
@@ -532,7 +532,7 @@ def import_cmd(ctx, dir, file, model, tokens, block_size, table):
     Only mlx-lm cache classes on tiercache's allow-list are ever built from the
     file. Creates DIR as a new store if it doesn't exist.
 
-    Example: tiercache import ~/.cache/tiercache prompt.safetensors --model ./demo-model
+    Example: tiercache import ~/.cache/tiercache/store prompt.safetensors --model ./demo-model
     """
     from tiercache.admin.interop import import_mlx_lm
 
@@ -571,7 +571,7 @@ def warm(ctx, dir, model_path, prompts, prefill_step_size, block_size, disk_byte
     chunking, so restores are exact for hybrid models too) and saved. A request
     for the prompt then restores all but its last token from disk.
 
-    Example: tiercache warm ~/.cache/tiercache --model ./demo-model --prompts prompts.jsonl
+    Example: tiercache warm ~/.cache/tiercache/store --model ./demo-model --prompts prompts.jsonl
     """
     import mlx.core as mx
     import mlx_lm
