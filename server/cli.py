@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
     from .app import create_app
-    from .listen import BindError, bind_listeners
+    from .listen import BindError, bind_listeners, listen_urls
 
     # Bind before the app exists: the model loads at startup, and a busy port
     # must be refused before that, with one line and exit 2 like any bad flag.
@@ -58,6 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BindError as exc:
         sys.stderr.write(f"tiercache-server: error: {exc}\n")
         return 2
+    # uvicorn logs its address only for sockets it bound itself.
+    logging.getLogger("tiercache.server").info(
+        "listening on %s (press CTRL+C to quit)", ", ".join(listen_urls(sockets)))
 
     state = {"exit": 0, "server": None}
 

@@ -75,3 +75,12 @@ def bind_listeners(host: str, port: int, backlog: int = 2048) -> list[socket.soc
             sock.close()
         raise
     return socks
+
+
+def listen_urls(socks: list[socket.socket]) -> list[str]:
+    """Return ``http://host:port`` for each listening socket (the real port for port 0)."""
+    urls = []
+    for sock in socks:
+        host, port = sock.getsockname()[:2]
+        urls.append(f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}")
+    return urls

@@ -10,7 +10,7 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
-from server_helpers import ROOT, _env
+from server_helpers import ROOT, _env, start_server
 
 from tiercache.server.app import create_app
 from tiercache.server.config import ServerConfig, parse_config
@@ -32,6 +32,15 @@ def test_busy_port_is_one_line_and_exit_2_before_any_model_load(tiny_llama_path)
     assert f"port {port}" in lines[0] and "--port" in lines[0] and "in use" in lines[0]
     assert "Traceback" not in proc.stderr + proc.stdout
     assert "loaded model" not in proc.stderr + proc.stdout  # nothing was loaded
+
+
+def test_start_logs_the_address_it_listens_on(tiny_llama_path, tmp_path):
+    # The CLI binds the socket itself, so uvicorn no longer logs the address.
+    srv = start_server(["--model", str(tiny_llama_path)], tmp_path / "server.log")
+    try:
+        assert f"listening on {srv.base_url}" in srv.log()
+    finally:
+        assert srv.stop() == 0, srv.log()
 
 
 def _client(cfg: ServerConfig):
