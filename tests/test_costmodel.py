@@ -20,6 +20,7 @@ from tiercache.tiers.costmodel import (
     DEFAULT_DISK_BYTES_PER_SECOND,
     DEFAULT_PREFILL_TOKENS_PER_SECOND,
     HORIZON_SECONDS,
+    MIN_PREFILL_TOKENS,
     SEED_SECONDS,
     PromotionCostModel,
     RunningRate,
@@ -64,6 +65,8 @@ def test_running_rate_weighs_seconds_and_forgets_old_evidence():
     assert r.value == pytest.approx(amount / seconds)
     cm = PromotionCostModel()
     assert cm.disk_bytes_per_second == DEFAULT_DISK_BYTES_PER_SECOND
+    assert cm.prefill_tokens_per_second == DEFAULT_PREFILL_TOKENS_PER_SECOND
+    cm.observe_prefill(MIN_PREFILL_TOKENS - 1, 1.0)  # one step's overhead: not a rate
     assert cm.prefill_tokens_per_second == DEFAULT_PREFILL_TOKENS_PER_SECOND
     cm.observe_prefill(30_000, 2 * HORIZON_SECONDS)  # long real evidence outweighs the seed
     assert cm.prefill_tokens_per_second == pytest.approx(
@@ -137,7 +140,7 @@ def test_warm_restart_serves_the_disk_prefix_memory_lacks(tiny_llama_path, tmp_p
     # Issue 15: after a restart, a short prompt that memory had 1 token of and disk 9
     # reported cached_tokens: 1 (disk had to offer a whole block more).
     cfg = ServerConfig(model=str(tiny_llama_path), disk_dir=str(tmp_path / "d"), block_size=16)
-    a = [7] + random_tokens(12, seed=21)
+    a = [7] + random_tokens(80, seed=21)
     b = [7] + random_tokens(9, seed=22)
     client = _serve(cfg)
     try:

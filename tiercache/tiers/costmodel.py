@@ -38,6 +38,10 @@ SEED_SECONDS = 1.0
 HORIZON_SECONDS = 60.0
 """Seconds of observed work after which old evidence weighs ``1/e``."""
 
+MIN_PREFILL_TOKENS = 32
+"""Shorter prefills are ignored: they time one model step's fixed cost (an exact
+hit leaves one token, fed with the first decode step), not the prefill rate."""
+
 
 class RunningRate:
     """A rate (amount per second) averaged over recent observed seconds.
@@ -125,7 +129,12 @@ class PromotionCostModel:
             self._disk.observe(nbytes, seconds)
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
-        """Record a prefill of ``tokens`` tokens that took ``seconds``."""
+        """Record a prefill of ``tokens`` tokens that took ``seconds``.
+
+        Prefills of fewer than :data:`MIN_PREFILL_TOKENS` tokens are ignored.
+        """
+        if tokens < MIN_PREFILL_TOKENS:
+            return
         with self._lock:
             self._prefill.observe(tokens, seconds)
 
