@@ -184,7 +184,8 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
         require_ready()
         if not engine.matches_model(body.model):
             raise APIError(404, f"the model {body.model!r} does not exist; this server "
-                           f"serves {engine.model_id!r}", "model", "model_not_found")
+                           f"serves {', '.join(map(repr, engine.served_names()))}", "model",
+                           "model_not_found")
         try:
             tokens = await run_in_threadpool(tokens_fn)
             user_start = 0
@@ -331,20 +332,23 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
         return await _serve(request, body, lambda: engine.prompt_tokens(body.prompt),
                             chat=False)
 
-    def _model_card() -> dict:
-        return {"id": engine.model_id, "object": "model", "created": engine.created,
+    def _model_card(name: str | None = None) -> dict:
+        return {"id": name or engine.model_id, "object": "model", "created": engine.created,
                 "owned_by": "tiercache"}
 
     @app.get("/v1/models", dependencies=[Depends(require_key)])
     async def models():
-        return {"object": "list", "data": [_model_card()]}
+        return {"object": "list", "data": [_model_card(n) for n in engine.served_names()]}
 
     @app.get("/v1/models/{model_id:path}", dependencies=[Depends(require_key)])
     async def model(model_id: str):
         if not engine.matches_model(model_id):
             raise APIError(404, f"the model {model_id!r} does not exist", "model",
                            "model_not_found")
-        return _model_card()
+        # The model's path or folder name answers with the served id; an alias (or,
+        # without --strict-model-name, any other name) answers as itself.
+        by_path = engine.knows_model(model_id) and model_id not in engine.served_names()
+        return _model_card(None if by_path else model_id)
 
     def _summary(stats: dict | None) -> dict:
         out: dict = {}
