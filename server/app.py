@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from .config import ServerConfig
+from .dashboard import dashboard_router
 from .engine import Engine, GenParams, RequestError
 from .errors import (
     APIError,
@@ -44,6 +45,9 @@ _KNOWN_PATHS = {
     "/v1/cache/reset": "cache_reset",
     "/health": "health",
     "/metrics": "metrics",
+    "/dashboard": "dashboard",
+    "/v1/dashboard/requests": "dashboard_requests",
+    "/v1/dashboard/store": "dashboard_store",
 }
 
 
@@ -205,6 +209,7 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
             salt=body.cache_salt,
             request_id=uuid.uuid4().hex[:12],
             user_start=user_start,
+            api="openai.chat" if isinstance(body, ChatCompletionRequest) else "openai.completions",
         )
         job = Job(params, asyncio.get_running_loop())
         try:
@@ -421,4 +426,5 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
         logger.info("cache reset (%s)", tier or "all tiers")
         return {"object": "cache.reset", "tier": tier or "all", "status": "ok"}
 
+    app.include_router(dashboard_router(engine, metrics.recent, require_key))
     return app

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ServerConfig
+from .metrics import request_summary
 
 logger = logging.getLogger("tiercache.server")
 
@@ -62,6 +63,7 @@ class GenParams:
             (chat requests on models with non-trimmable cache layers).
         arrived: ``time.perf_counter()`` when the request arrived.
         request_id: For the log line.
+        api: Which client API the request came through (dashboard).
     """
 
     tokens: list[int]
@@ -74,6 +76,7 @@ class GenParams:
     arrived: float = field(default_factory=time.perf_counter)
     request_id: str = ""
     user_start: int = 0
+    api: str = "openai.chat"
 
 
 class _StopText:
@@ -466,6 +469,8 @@ class Engine:
                 self.metrics.ttft.observe(ttft)
             self.metrics.prefill.observe(prefill_s)
             self.metrics.generated_tokens.inc(len(generated))
+            self.metrics.recent.add(request_summary(p.api, usage, ttft, prefill_s, decode_tps,
+                                                    finish))
         logger.info(
             "request %s: prompt=%d cached=%d (memory=%d disk=%d) prefill=%.3fs ttft=%s "
             "decode=%.1f tok/s completion=%d finish=%s",
