@@ -325,21 +325,19 @@ class Engine:
         )
         from mlx_lm.sample_utils import make_sampler
 
+        from tiercache import FetchResult
+
         tokens = list(p.tokens)
         t_start = time.perf_counter()
         try:
-            prompt_cache, rest = self.cache.fetch_nearest_cache(
-                self.model_key, tokens, salt=p.salt)
-            info = getattr(self.cache, "last_fetch", None)
+            found = self.cache.fetch(self.model_key, tokens, salt=p.salt)
         except Exception:  # a broken cache must not fail the request: run cold
             logger.exception("prefix lookup failed; computing the prompt from scratch")
-            prompt_cache, rest, info = None, tokens, None
+            found = FetchResult(None, tokens, len(tokens))
         restore_s = time.perf_counter() - t_start
-        rest = list(rest)
-        cached = len(tokens) - len(rest) if prompt_cache is not None else 0
-        disk = int(getattr(info, "disk_tokens", 0) or 0) if info is not None else 0
-        disk = min(disk, cached)
-        memory = cached - disk
+        prompt_cache, rest = found.prompt_cache, list(found.rest)
+        cached = found.cached_tokens if prompt_cache is not None else 0
+        memory, disk = found.memory_tokens, found.disk_tokens
         if prompt_cache is None:
             prompt_cache = make_prompt_cache(self.model)
             rest = tokens
@@ -353,6 +351,8 @@ class Engine:
                 "cached_tokens": cached,
                 "memory_tokens": memory,
                 "disk_tokens": disk,
+                # Tiers added later (writer-pending, remote) report themselves.
+                **{f"{tier}_tokens": n for tier, n in found.tokens_by_tier.items()},
             },
         }
         emit(("start", usage))

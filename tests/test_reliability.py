@@ -247,9 +247,10 @@ def test_corruption_under_live_cache(tiny_llama, tiny_llama_path, tmp_path, capl
         assert cache.flush(60)
         cache.clear("memory")
         for toks in prompts:
-            _, rest = cache.fetch_nearest_cache(key, toks + nxt)
+            found = cache.fetch(key, toks + nxt)
+            rest = found.rest
             assert len(rest) == len(nxt)
-            assert cache.last_fetch.disk_tokens == len(toks)
+            assert found.disk_tokens == len(toks)
     finally:
         cache.close()
 
@@ -308,8 +309,9 @@ def test_enospc_serves_from_memory_and_recovers(tiny_llama, tiny_llama_path, tmp
         assert len(failed) == 1, [r.getMessage() for r in failed]  # once per interval
         # Memory keeps serving, with correct results.
         for toks in prompts:
-            got, rest = cache.fetch_nearest_cache(key, toks + [5])
-            assert cache.last_fetch.memory_tokens == len(toks) and rest == [5]
+            found = cache.fetch(key, toks + [5])
+            got, rest = found.prompt_cache, found.rest
+            assert found.memory_tokens == len(toks) and rest == [5]
             np.testing.assert_allclose(first_logits(model, got, rest),
                                        _cold_logits(model, toks + [5]), atol=1e-4, rtol=0)
         # Space comes back: the next writes land and serve from disk.
@@ -321,8 +323,9 @@ def test_enospc_serves_from_memory_and_recovers(tiny_llama, tiny_llama_path, tmp
         assert cache.stats()["disk"]["entries"] > 0
         cache.clear("memory")
         for toks in prompts:
-            got, rest = cache.fetch_nearest_cache(key, toks + [5])
-            assert cache.last_fetch.disk_tokens == len(toks)
+            found = cache.fetch(key, toks + [5])
+            got, rest = found.prompt_cache, found.rest
+            assert found.disk_tokens == len(toks)
         assert cache.disk.check(temp_grace=0) == []
     finally:
         cache.close()

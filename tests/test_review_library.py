@@ -132,7 +132,7 @@ def test_prewarm_never_serves_a_record_whose_tokens_do_not_match_its_hash(
     tc = TieredPromptCache(max_size=4, disk_dir=d, prewarm_bytes=1 << 30)
     try:
         tc.register_model("m", tiny_llama_path, model)
-        tc._prewarm_thread.join(30)
+        assert tc.wait_prewarmed(30)
         query = bad + random_tokens(6, seed=8)
         cache, rem = tc.fetch_nearest_cache("m", query)
         if cache is not None:
@@ -160,8 +160,9 @@ def test_disk_win_does_not_reinsert_a_cloned_memory_hit(tiny_llama, tiny_llama_p
             tc.insert_cache("m", toks, _snap(model, toks))
         held = {tuple(e[1]) for e in tc.memory.entries()}
         assert tuple(t[:20]) not in held and len(held) == 3
-        cache, rem = tc.fetch_nearest_cache("m", t)
-        assert tc.last_fetch.source == "disk"
+        found = tc.fetch("m", t)
+        cache, rem = found.prompt_cache, found.rest
+        assert found.source == "disk"
         _gen_equals_cold(model, cache, t, rem)
         after = {tuple(e[1]) for e in tc.memory.entries()}
         assert after == held  # nothing evicted, no redundant t[:8] entry

@@ -77,8 +77,8 @@ def test_budget_and_exact_eviction_order(tiny_llama, tiny_llama_path, tmp_path):
     for n in "ADBC":
         ins(n)
     assert order == [] and len(tc) == 4
-    cache, _ = tc.fetch_nearest_cache(key, seqs["A"] + [5])  # A becomes more recent than D
-    assert tc.last_fetch.source == "memory" and tc.last_fetch.memory_tokens == len(seqs["A"])
+    found = tc.fetch(key, seqs["A"] + [5])  # A becomes more recent than D
+    assert found.source == "memory" and found.memory_tokens == len(seqs["A"])
     ins("E")  # assistants [D, A, E] outnumber users: LRU assistant D goes
     ins("F")  # assistants [A, E] >= users [B, F]: A
     ins("G")  # assistants [E] < users [B, F, G] >= systems [C]: B
@@ -96,8 +96,9 @@ def test_budget_and_exact_eviction_order(tiny_llama, tiny_llama_path, tmp_path):
     assert tc.flush(30)
     for name in ("D", "B", "C"):
         q = seqs[name] + [7, 8, 9]
-        cache, rem = tc.fetch_nearest_cache(key, q)
-        assert tc.last_fetch.source == "disk" and tc.last_fetch.disk_tokens == len(seqs[name])
+        found = tc.fetch(key, q)
+        cache, rem = found.prompt_cache, found.rest
+        assert found.source == "disk" and found.disk_tokens == len(seqs[name])
         assert tc.nbytes <= tc.max_bytes
         _warm_equals_cold(model, cache, q, rem)
     assert tc.stats()["disk"]["promotions"] == 3
@@ -117,20 +118,22 @@ def test_disk_longer_than_memory_promotes(tiny_llama, tiny_llama_path, tmp_path)
     tc.clear("memory")
     tc.insert_cache(key, long[:16], _snap(model, long[:16]))  # memory: 16, disk: 40
     q = long + [3, 4, 5]
-    cache, rem = tc.fetch_nearest_cache(key, q)
-    info = tc.last_fetch
-    assert (info.source, info.disk_tokens, info.memory_tokens) == ("disk", 40, 0)
-    assert info.cached_tokens == len(q) - len(rem) == 40
+    found = tc.fetch(key, q)
+    cache, rem = found.prompt_cache, found.rest
+    assert (found.source, found.disk_tokens, found.memory_tokens) == ("disk", 40, 0)
+    assert found.cached_tokens == len(q) - len(rem) == 40
     want = first_logits(model, _snap(model, long), rem)
     np.testing.assert_allclose(first_logits(model, cache, rem), want, atol=1e-4)
     # The promoted snapshot now serves the same lookup from memory.
-    cache, rem = tc.fetch_nearest_cache(key, q)
-    assert (tc.last_fetch.source, tc.last_fetch.memory_tokens) == ("memory", 40)
+    found = tc.fetch(key, q)
+    cache, rem = found.prompt_cache, found.rest
+    assert (found.source, found.memory_tokens) == ("memory", 40)
     _warm_equals_cold(model, cache, q, rem)
     # Disk ahead by less than min_promote_tokens (one block): memory wins, no restore.
     tc.insert_cache(key, long[:36], _snap(model, long[:36]))
-    cache, rem = tc.fetch_nearest_cache(key, q)
-    assert (tc.last_fetch.source, tc.last_fetch.memory_tokens) == ("memory", 36)
+    found = tc.fetch(key, q)
+    cache, rem = found.prompt_cache, found.rest
+    assert (found.source, found.memory_tokens) == ("memory", 36)
     assert tc.stats()["disk"]["promotions"] == 1
     assert tc.close()
 
@@ -163,8 +166,9 @@ def test_write_behind_never_blocks_and_overflow_drops(tiny_llama, tiny_llama_pat
     assert w["dropped_writes"] == 5 and w["written"] == 0  # oldest pending dropped
     # Snapshots still waiting (or dropped) are served from memory.
     for t in (seqs[3], seqs[7]):
-        cache, rem = tc.fetch_nearest_cache(key, t + [1])
-        assert tc.last_fetch.source == "memory" and len(rem) == 1
+        found = tc.fetch(key, t + [1])
+        cache, rem = found.prompt_cache, found.rest
+        assert found.source == "memory" and len(rem) == 1
     release.set()
     assert tc.flush(30)
     w = tc.stats()["writer"]
@@ -172,8 +176,8 @@ def test_write_behind_never_blocks_and_overflow_drops(tiny_llama, tiny_llama_pat
     assert tc.disk.check() == []
     tc.clear("memory")
     for i, t in enumerate(seqs):
-        tc.fetch_nearest_cache(key, t + [1])
-        assert tc.last_fetch.disk_tokens == (24 if i in (0, 6, 7) else 0)
+        found = tc.fetch(key, t + [1])
+        assert found.disk_tokens == (24 if i in (0, 6, 7) else 0)
     assert tc.close()
 
 
@@ -195,8 +199,8 @@ def test_close_drains_within_timeout(tiny_llama, tiny_llama_path, tmp_path, monk
     monkeypatch.setattr(DiskStore, "save", real_save)
     with _tc(tmp_path) as tc2:
         for t in seqs:
-            tc2.fetch_nearest_cache(key, t + [1])
-            assert tc2.last_fetch.disk_tokens == 17
+            found = tc2.fetch(key, t + [1])
+            assert found.disk_tokens == 17
     # A timeout too short to drain: close says so, drops the rest, stays consistent.
     monkeypatch.setattr(DiskStore, "save", slow_save)
     tc3 = _tc(tmp_path)
@@ -225,8 +229,9 @@ def test_restart_serves_from_disk(tiny_llama, tiny_llama_path, tmp_path):
     assert len(tc) == 0
     for t in seqs:
         q = t + [9, 10]
-        cache, rem = tc.fetch_nearest_cache(key, q)
-        assert tc.last_fetch.source == "disk" and tc.last_fetch.disk_tokens == len(t)
+        found = tc.fetch(key, q)
+        cache, rem = found.prompt_cache, found.rest
+        assert found.source == "disk" and found.disk_tokens == len(t)
         _warm_equals_cold(model, cache, q, rem)
     assert tc.close()
 
@@ -253,19 +258,22 @@ def test_prewarm_restores_recent_snapshots_into_memory(tiny_llama, tiny_llama_pa
     tc = _tc(tmp_path, prewarm_bytes=budget)
     assert len(tc) == 0
     tc.register_model(key, tiny_llama_path, model)
-    tc._prewarm_thread.join(60)
+    assert tc.wait_prewarmed(60)
     st = tc.stats()["memory"]
     assert st["entries"] == 2 and 0 < st["prewarmed_bytes"] <= budget
     for t in seqs[1:]:
         q = t + [9, 10]
-        cache, rem = tc.fetch_nearest_cache(key, q)
-        assert tc.last_fetch.source == "memory" and tc.last_fetch.memory_tokens == len(t)
+        found = tc.fetch(key, q)
+        cache, rem = found.prompt_cache, found.rest
+        assert found.source == "memory" and found.memory_tokens == len(t)
         _warm_equals_cold(model, cache, q, rem)
     # The oldest one and the salted tenant's come from disk (salts are never guessed).
-    cache, rem = tc.fetch_nearest_cache(key, seqs[0] + [9, 10])
-    assert tc.last_fetch.source == "disk"
-    _, rem = tc.fetch_nearest_cache(key, salted + [9])
-    assert tc.last_fetch.source == "none" and len(rem) == len(salted) + 1
+    found = tc.fetch(key, seqs[0] + [9, 10])
+    cache, rem = found.prompt_cache, found.rest
+    assert found.source == "disk"
+    found = tc.fetch(key, salted + [9])
+    rem = found.rest
+    assert found.source == "none" and len(rem) == len(salted) + 1
     assert tc.close()
 
 
@@ -279,9 +287,10 @@ def test_exact_hit_leaves_a_token(tiny_llama, tiny_llama_path, tmp_path):
     tc = _tc(tmp_path)
     tc.insert_cache(key, toks, _snap(model, toks))
     for _ in range(2):  # memory hit (handed over), then the same from disk
-        cache, rem = tc.fetch_nearest_cache(key, toks)
+        found = tc.fetch(key, toks)
+        cache, rem = found.prompt_cache, found.rest
         assert len(rem) >= 1 and rem == toks[len(toks) - len(rem):]
-        assert tc.last_fetch.cached_tokens == len(toks) - 1
+        assert found.cached_tokens == len(toks) - 1
         _warm_equals_cold(model, cache, toks, rem)
         tc.flush(30)
     assert tc.stats()["disk"]["hits"] == 1
@@ -308,8 +317,8 @@ def test_max_bytes_on_every_path(tiny_llama, tiny_llama_path, tmp_path):
     assert tc.nbytes <= tc.max_bytes and len(tc) == 1
     assert tc.flush(30)
     for t in small:  # promotion
-        tc.fetch_nearest_cache(key, t + [1])
-        assert tc.last_fetch.source in ("disk", "memory")
+        found = tc.fetch(key, t + [1])
+        assert found.source in ("disk", "memory")
         assert tc.nbytes <= tc.max_bytes
     tc.trim_to(n_bytes=S)  # trim_to
     assert tc.nbytes <= S
@@ -320,8 +329,9 @@ def test_max_bytes_on_every_path(tiny_llama, tiny_llama_path, tmp_path):
     tiny.insert_cache(key, small[0], _snap(model, small[0]))
     assert tiny.nbytes == 0
     tiny.flush(30)
-    cache, rem = tiny.fetch_nearest_cache(key, small[0] + [1])
-    assert tiny.last_fetch.disk_tokens == 20 and tiny.nbytes <= tiny.max_bytes
+    found = tiny.fetch(key, small[0] + [1])
+    cache, rem = found.prompt_cache, found.rest
+    assert found.disk_tokens == 20 and tiny.nbytes <= tiny.max_bytes
     assert tiny.close() and tc.close()
 
 
@@ -353,9 +363,8 @@ def test_threads_no_errors_no_wrong_hits(tiny_llama, tiny_llama_path, tmp_path):
                 tc.insert_cache(key, seqs[i], clone_prompt_cache(snaps[i]),
                                 cache_type=rng.choice(["assistant", "user", "system"]))
                 qi = rng.randrange(len(queries))
-                cache, rem = tc.fetch_nearest_cache(key, queries[qi])
-                info = tc.last_fetch
-                results.append((qi, cache, rem, info.source, info.cached_tokens))
+                found = tc.fetch(key, queries[qi])
+                results.append((qi, found.prompt_cache, found.rest, found.source, found.cached_tokens))
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
@@ -404,12 +413,13 @@ def test_write_back_persists_only_on_eviction(tiny_llama, tiny_llama_path, tmp_p
     tc.clear("memory")
     for i, t in enumerate(seqs):
         q = t + [4]
-        cache, rem = tc.fetch_nearest_cache(key, q)
+        found = tc.fetch(key, q)
+        cache, rem = found.prompt_cache, found.rest
         if i < 2:
-            assert tc.last_fetch.source == "disk"
+            assert found.source == "disk"
             _warm_equals_cold(model, cache, q, rem)
         else:
-            assert cache is None and tc.last_fetch.source == "none"
+            assert cache is None and found.source == "none"
     with pytest.raises(ValueError):
         TieredPromptCache(write_policy="around")
     assert tc.close()
@@ -422,14 +432,16 @@ def test_memory_only(tiny_llama, tiny_llama_path):
     tc = TieredPromptCache(max_size=1)
     tc.insert_cache(key, toks, _snap(model, toks))
     q = toks + [1, 2]
-    cache, rem = tc.fetch_nearest_cache(key, q)
-    assert tc.last_fetch.source == "memory"
+    found = tc.fetch(key, q)
+    cache, rem = found.prompt_cache, found.rest
+    assert found.source == "memory"
     _warm_equals_cold(model, cache, q, rem)
     other = random_tokens(30, seed=13)
     tc.insert_cache(key, toks, _snap(model, toks))
     tc.insert_cache(key, other, _snap(model, other))  # max_size=1: toks is gone for good
-    cache, rem = tc.fetch_nearest_cache(key, q)
-    assert cache is None and rem == q and tc.last_fetch.source == "none"
+    found = tc.fetch(key, q)
+    cache, rem = found.prompt_cache, found.rest
+    assert cache is None and rem == q and found.source == "none"
     st = tc.stats()
     assert "disk" not in st and "writer" not in st and st["memory"]["entries"] == 1
     assert tc.flush() and tc.close()
@@ -449,8 +461,9 @@ def test_salt_isolation(tiny_llama, tiny_llama_path, tmp_path):
     for tier in ("memory", "disk"):
         assert tc.fetch_nearest_cache(key, q, salt="tenant-b")[0] is None
         assert tc.fetch_nearest_cache(key, q)[0] is None
-        cache, rem = tc.fetch_nearest_cache(key, q, salt="tenant-a")
-        assert tc.last_fetch.source == tier and len(rem) == 1
+        found = tc.fetch(key, q, salt="tenant-a")
+        cache, rem = found.prompt_cache, found.rest
+        assert found.source == tier and len(rem) == 1
         tc.clear("memory")
     assert tc.close()
 
@@ -467,11 +480,12 @@ def test_register_model_namespace_equals_auto(tiny_llama, tiny_llama_path, tmp_p
     assert reg == auto_ns == model_namespace(tc.disk, tiny_llama_path, model)
     # Another spelling of the same model finds the same disk entries.
     for k in ("my-model", (str(tiny_llama_path), None, None)):
-        cache, rem = tc.fetch_nearest_cache(k, toks + [2])
-        assert tc.last_fetch.source == "disk" and len(rem) == 1
+        found = tc.fetch(k, toks + [2])
+        cache, rem = found.prompt_cache, found.rest
+        assert found.source == "disk" and len(rem) == 1
     # A key naming no model folder stays memory-only (and never hits the disk).
-    tc.fetch_nearest_cache("no-such-model", toks + [2])
-    assert tc.last_fetch.source == "none"
+    found = tc.fetch("no-such-model", toks + [2])
+    assert found.source == "none"
     assert tc.close()
 
 
@@ -505,8 +519,9 @@ def test_hits_decode_in_place(tiny_llama, tiny_llama_path, tmp_path):
     assert tc.flush(30)
     tc.clear("memory")
     q = t + [5, 6]
-    cache, rem = tc.fetch_nearest_cache(key, q)
-    assert tc.last_fetch.source == "disk" and len(tc.memory) == 0
+    found = tc.fetch(key, q)
+    cache, rem = found.prompt_cache, found.rest
+    assert found.source == "disk" and len(tc.memory) == 0
     assert all(c.keys.shape[2] % 256 == 0 and c.keys.shape[2] > c.offset for c in cache)
     before = [_buffer_address(c) for c in cache]
     out = model(mx.array([rem]), cache=cache)
@@ -519,8 +534,9 @@ def test_hits_decode_in_place(tiny_llama, tiny_llama_path, tmp_path):
     full = q + [7]
     tc.insert_cache(key, q, cache)
     assert tc.flush(30)
-    cache, rem = tc.fetch_nearest_cache(key, full)
-    assert tc.last_fetch.source == "memory" and rem == [7]
+    found = tc.fetch(key, full)
+    cache, rem = found.prompt_cache, found.rest
+    assert found.source == "memory" and rem == [7]
     before = [_buffer_address(c) for c in cache]
     mx.eval(model(mx.array([rem]), cache=cache))
     assert [_buffer_address(c) for c in cache] == before
@@ -551,10 +567,12 @@ def test_adapter_and_draft_are_part_of_the_namespace(tiny_llama, tiny_llama_path
     assert tc.flush(30)
     tc.clear("memory")
     for other in (base, lora2):
-        _, rem = tc.fetch_nearest_cache(other, t + [5])
-        assert tc.last_fetch.source == "none" and len(rem) == len(t) + 1
-    _, rem = tc.fetch_nearest_cache(lora1, t + [5])
-    assert tc.last_fetch.source == "disk" and rem == [5]
+        found = tc.fetch(other, t + [5])
+        rem = found.rest
+        assert found.source == "none" and len(rem) == len(t) + 1
+    found = tc.fetch(lora1, t + [5])
+    rem = found.rest
+    assert found.source == "disk" and rem == [5]
     # register_model with the adapter binds the same namespace the key derives.
     assert tc.register_model(lora1, tiny_llama_path, model, adapter_path=lora1[1]) == tc._namespaces(lora1)[0]
     # A draft model adds its cache layers to the layout: main + draft layers
@@ -565,8 +583,10 @@ def test_adapter_and_draft_are_part_of_the_namespace(tiny_llama, tiny_llama_path
     tc.insert_cache(spec, t, both)
     assert tc.flush(30)
     tc.clear("memory")
-    cache, rem = tc.fetch_nearest_cache(spec, t + [5])
-    assert tc.last_fetch.source == "disk" and len(cache) == 2 * len(_snap(model, t))
-    _, rem = tc.fetch_nearest_cache(base, t + [5])
-    assert tc.last_fetch.source == "none"
+    found = tc.fetch(spec, t + [5])
+    cache, rem = found.prompt_cache, found.rest
+    assert found.source == "disk" and len(cache) == 2 * len(_snap(model, t))
+    found = tc.fetch(base, t + [5])
+    rem = found.rest
+    assert found.source == "none"
     assert tc.close()

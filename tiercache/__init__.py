@@ -6,17 +6,17 @@ The public API is small:
   tier and a disk tier (the server's cache).
 * :class:`DiskStore` — the disk tier on its own (tools, import/export, warming).
 * :class:`MemoryPromptCache` — the memory tier on its own.
-* :class:`FetchInfo`, :class:`StoreError`, :func:`model_namespace`.
+* :class:`FetchResult`, :class:`StoreError`, :func:`model_namespace`.
 """
 
 from .store.disk import DiskStore, StoreError
 from .store.namespaces import model_namespace
 from .tiers.memory import MemoryPromptCache
-from .tiers.tiered import FetchInfo, TieredPromptCache
+from .tiers.tiered import FetchResult, TieredPromptCache
 
 __all__ = [
     "DiskStore",
-    "FetchInfo",
+    "FetchResult",
     "MemoryPromptCache",
     "StoreError",
     "TieredPromptCache",
