@@ -21,15 +21,13 @@ from typing import Any
 
 from pydantic import ByteSize, TypeAdapter, ValidationError
 
+from tiercache.errors import ConfigError, TiercacheError
+
 ENV_PREFIX = "TIERCACHE_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 WRITE_POLICIES = ("through", "back")
 _HF_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _BYTESIZE = TypeAdapter(ByteSize)
-
-
-class ConfigError(ValueError):
-    """A flag or environment variable has an unusable value."""
 
 
 def parse_size(text: Any) -> int:
@@ -317,13 +315,7 @@ def _check_store(path: Path, block_size: int) -> None:
     Raises:
         ConfigError: With the store's own one-line explanation.
     """
-    from tiercache.store.disk import (
-        BLOCKS_DIR,
-        CHECKPOINTS_DIR,
-        INDEX_DIR,
-        DiskStore,
-        StoreError,
-    )
+    from tiercache.store.disk import BLOCKS_DIR, CHECKPOINTS_DIR, INDEX_DIR, DiskStore
 
     if not (path / INDEX_DIR).exists():
         if any(p.name not in (BLOCKS_DIR, CHECKPOINTS_DIR) for p in path.iterdir()):
@@ -332,7 +324,7 @@ def _check_store(path: Path, block_size: int) -> None:
         return
     try:
         DiskStore(path, block_size=block_size, readonly=True, create=False).close()
-    except (StoreError, ValueError, OSError) as exc:
+    except (TiercacheError, ValueError, OSError) as exc:  # a bad block_size is a ValueError
         detail = " ".join(str(exc).split())
         if "block size" in detail:
             detail += " (pass that --block-size, or use another --disk-dir)"

@@ -23,6 +23,7 @@ from typing import Any
 
 import click
 
+from tiercache.errors import TiercacheError
 from tiercache.tools.prompts import prompt_tokens, read_prompts
 from tiercache.tools.render import console, emit, human_size, human_time, iso, print_table, short
 
@@ -40,13 +41,10 @@ class CliError(click.ClickException):
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    """Return the errors a command reports as one line: ours, bad arguments, I/O."""
     import lmdb
 
-    from tiercache.store.blockfile import BlockFileError
-    from tiercache.store.disk import RestoreError, StoreError
-    from tiercache.store.index import IndexError_
-
-    return (StoreError, IndexError_, BlockFileError, RestoreError, ValueError, lmdb.Error, OSError, KeyError)
+    return (TiercacheError, ValueError, lmdb.Error, OSError, KeyError)
 
 
 class _Group(click.Group):

@@ -27,6 +27,7 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
+from ..errors import TiercacheError
 from . import layers as L
 from .blockfile import (
     DIR_MODE,
@@ -55,7 +56,7 @@ log = logging.getLogger("tiercache.store.disk")
 DEFAULT_BLOCK_SIZE = 256
 
 
-class StoreError(Exception):
+class StoreError(TiercacheError):
     """The folder is not a usable tiercache store (wrong format, settings mismatch...)."""
 
 
