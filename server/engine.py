@@ -457,10 +457,12 @@ class Engine:
             The tokens still to feed (the last prompt token).
         """
         try:
+            from tiercache.store.layout import DEFAULT_BLOCK_SIZE
             from tiercache.tiers.checkpoints import CheckpointPolicy, prefill_with_checkpoints
         except ImportError:
             return rest
-        policy = CheckpointPolicy(min_tokens=self.cfg.block_size)
+        # parse_config resolves the block size; a ServerConfig built in code may leave it None.
+        policy = CheckpointPolicy(min_tokens=self.cfg.block_size or DEFAULT_BLOCK_SIZE)
         stops = policy.stops(prompt_len=len(tokens), user_start=p.user_start,
                              trimmable=False, cached=cached)
         # The end of the prefill (all but the last prompt token) is also worth a

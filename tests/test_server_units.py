@@ -5,25 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from tiercache.server.config import parse_config, parse_size
+from tiercache.server.config import parse_config
 from tiercache.server.engine import _StopText
 from tiercache.server.schemas import ChatCompletionRequest, CompletionRequest
-
-
-@pytest.mark.parametrize("text,expected", [
-    ("8GB", 8 * 10**9), ("512MiB", 512 * 2**20), ("4G", 4 * 10**9), ("512M", 512 * 10**6),
-    ("1048576", 1048576), (1024, 1024), ("1.5GB", 1_500_000_000),
-])
-def test_parse_size(text, expected):
-    assert parse_size(text) == expected
-
-
-@pytest.mark.parametrize("text", ["abc", "-1", "12XB", ""])
-def test_parse_size_rejects(text):
-    import argparse
-
-    with pytest.raises(argparse.ArgumentTypeError):
-        parse_size(text)
 
 
 def test_config_flags_env_and_precedence(tmp_path):

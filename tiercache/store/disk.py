@@ -49,11 +49,9 @@ from .index import KIND_BLOCK, KIND_CHECKPOINT, KIND_TAIL, Index, IndexError_, R
 from .lookup import RestorePlan, find_longest_prefix
 from .restore import RestoreError, read_plan
 from .check import check_store
-from .layout import BLOCKS_DIR, CHECKPOINTS_DIR, INDEX_DIR
+from .layout import BLOCKS_DIR, CHECKPOINTS_DIR, DEFAULT_BLOCK_SIZE, INDEX_DIR
 
 log = logging.getLogger("tiercache.store.disk")
-
-DEFAULT_BLOCK_SIZE = 256
 
 
 class StoreError(TiercacheError):

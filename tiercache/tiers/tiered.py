@@ -29,6 +29,7 @@ from typing import Any, Hashable, Sequence
 
 import mlx.core as mx
 
+from ..settings import WRITE_POLICIES
 from ..store import layers as L
 from ..store.disk import DiskStore
 from ..store.restore import RestoreError
@@ -39,8 +40,6 @@ from ..store.namespaces import cache_arrays, key_fingerprint, model_namespace
 from .writer import BackgroundWriter, WriteJob
 
 log = logging.getLogger("tiercache")
-
-WRITE_POLICIES = ("through", "back")
 
 
 TIER_MEMORY = "memory"
