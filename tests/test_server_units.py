@@ -32,6 +32,40 @@ def test_config_bad_values_exit_2(argv, capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+def _store(path, block_size=16):
+    from tiercache.store.disk import DiskStore
+
+    DiskStore(path, block_size=block_size).close()
+    return path
+
+
+@pytest.mark.parametrize("case", ["block_size", "foreign", "corrupt"])
+def test_unusable_disk_dir_is_refused_at_start_with_one_line(tmp_path, capsys, case):
+    # README: bad values are refused at start with one line on stderr (exit 2),
+    # not by a server that starts, fails to load and exits 1.
+    disk = tmp_path / "disk"
+    if case == "block_size":
+        _store(disk, block_size=16)
+        argv = ["--disk-dir", str(disk), "--block-size", "32"]
+    elif case == "foreign":
+        disk.mkdir()
+        (disk / "thesis.txt").write_text("not a cache")
+        argv = ["--disk-dir", str(disk)]
+    else:
+        (disk / "index.lmdb").mkdir(parents=True)
+        (disk / "index.lmdb" / "data.mdb").write_bytes(b"\x00garbage" * 2000)
+        argv = ["--disk-dir", str(disk)]
+    with pytest.raises(SystemExit) as exc:
+        parse_config(argv, env={})
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--disk-dir" in err, err
+    # The matching block size (and a fresh folder) are accepted.
+    if case == "block_size":
+        assert parse_config(argv[:2] + ["--block-size", "16"], env={}).block_size == 16
+    assert parse_config(["--disk-dir", str(tmp_path / "new")], env={}).disk_dir
+
+
 def test_stop_text_holds_back_partial_matches():
     s = _StopText(["END"])
     out = [s.feed(p) for p in ["hello E", "N", "D tail"]]

@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import random_tokens
-from mlx_helpers import cold_greedy, first_logits, greedy_continue, prefill
+from mlx_helpers import assert_warm_equals_cold, first_logits, prefill, prefilled_cache
 from mlx_lm.models.cache import make_prompt_cache
 
 from tiercache import TieredPromptCache
@@ -25,21 +25,8 @@ B = 8  # block size: small so short prompts span several blocks
 GEN = 12  # greedy tokens compared against a cold run
 
 
-def _snap(model, tokens):
-    cache = make_prompt_cache(model)
-    prefill(model, tokens, cache)
-    return cache
-
-
 def _size(snapshot) -> int:
     return sum(c.nbytes for c in snapshot)
-
-
-def _warm_equals_cold(model, cache, query, rem):
-    """Generation from a fetched (cache, remainder) equals a cold run of the query."""
-    assert cache is not None and 0 < len(rem) < len(query)
-    assert all(c.offset == len(query) - len(rem) for c in cache)
-    assert greedy_continue(model, cache, rem, GEN) == cold_greedy(model, query, GEN)
 
 
 def _tc(tmp_path, **kw):
@@ -54,7 +41,7 @@ def test_budget_and_exact_eviction_order(tiny_llama, tiny_llama_path, tmp_path):
     model, _ = tiny_llama
     key = str(tiny_llama_path)
     seqs = {name: random_tokens(20 + i, seed=100 + i) for i, name in enumerate("ADBCEFGHI")}
-    snaps = {n: _snap(model, t) for n, t in seqs.items()}
+    snaps = {n: prefilled_cache(model, t) for n, t in seqs.items()}
     S = _size(snaps["A"])
     assert all(_size(s) == S for s in snaps.values())  # same buffer size: budget in entries
     tc = _tc(tmp_path, max_size=100, max_bytes=4 * S + S // 2, handover=False)
@@ -100,7 +87,7 @@ def test_budget_and_exact_eviction_order(tiny_llama, tiny_llama_path, tmp_path):
         cache, rem = found.prompt_cache, found.rest
         assert found.source == "disk" and found.disk_tokens == len(seqs[name])
         assert tc.nbytes <= tc.max_bytes
-        _warm_equals_cold(model, cache, q, rem)
+        assert_warm_equals_cold(model, cache, q, rem, GEN)
     assert tc.stats()["disk"]["promotions"] == 3
     assert tc.close()
 
@@ -113,24 +100,24 @@ def test_disk_longer_than_memory_promotes(tiny_llama, tiny_llama_path, tmp_path)
     key = str(tiny_llama_path)
     long = random_tokens(40, seed=7)
     tc = _tc(tmp_path)
-    tc.insert_cache(key, long, _snap(model, long))
+    tc.insert_cache(key, long, prefilled_cache(model, long))
     assert tc.flush(30)
     tc.clear("memory")
-    tc.insert_cache(key, long[:16], _snap(model, long[:16]))  # memory: 16, disk: 40
+    tc.insert_cache(key, long[:16], prefilled_cache(model, long[:16]))  # memory: 16, disk: 40
     q = long + [3, 4, 5]
     found = tc.fetch(key, q)
     cache, rem = found.prompt_cache, found.rest
     assert (found.source, found.disk_tokens, found.memory_tokens) == ("disk", 40, 0)
     assert found.cached_tokens == len(q) - len(rem) == 40
-    want = first_logits(model, _snap(model, long), rem)
+    want = first_logits(model, prefilled_cache(model, long), rem)
     np.testing.assert_allclose(first_logits(model, cache, rem), want, atol=1e-4)
     # The promoted snapshot now serves the same lookup from memory.
     found = tc.fetch(key, q)
     cache, rem = found.prompt_cache, found.rest
     assert (found.source, found.memory_tokens) == ("memory", 40)
-    _warm_equals_cold(model, cache, q, rem)
+    assert_warm_equals_cold(model, cache, q, rem, GEN)
     # Disk ahead by less than min_promote_tokens (one block): memory wins, no restore.
-    tc.insert_cache(key, long[:36], _snap(model, long[:36]))
+    tc.insert_cache(key, long[:36], prefilled_cache(model, long[:36]))
     found = tc.fetch(key, q)
     cache, rem = found.prompt_cache, found.rest
     assert (found.source, found.memory_tokens) == ("memory", 36)
@@ -145,7 +132,7 @@ def test_write_behind_never_blocks_and_overflow_drops(tiny_llama, tiny_llama_pat
     model, _ = tiny_llama
     key = str(tiny_llama_path)
     seqs = [random_tokens(24, seed=200 + i) for i in range(8)]
-    snaps = [_snap(model, t) for t in seqs]
+    snaps = [prefilled_cache(model, t) for t in seqs]
     S = _size(snaps[0])
     entered, release = threading.Event(), threading.Event()
     real_save = DiskStore.save
@@ -167,7 +154,7 @@ def test_write_behind_never_blocks_and_overflow_drops(tiny_llama, tiny_llama_pat
     # Snapshots still waiting (or dropped) are served from memory.
     for t in (seqs[3], seqs[7]):
         found = tc.fetch(key, t + [1])
-        cache, rem = found.prompt_cache, found.rest
+        rem = found.rest
         assert found.source == "memory" and len(rem) == 1
     release.set()
     assert tc.flush(30)
@@ -194,7 +181,7 @@ def test_close_drains_within_timeout(tiny_llama, tiny_llama_path, tmp_path, monk
     monkeypatch.setattr(DiskStore, "save", slow_save)
     tc = _tc(tmp_path)
     for t in seqs:
-        tc.insert_cache(key, t, _snap(model, t))
+        tc.insert_cache(key, t, prefilled_cache(model, t))
     assert tc.close(flush_timeout=30) is True  # drained
     monkeypatch.setattr(DiskStore, "save", real_save)
     with _tc(tmp_path) as tc2:
@@ -206,7 +193,7 @@ def test_close_drains_within_timeout(tiny_llama, tiny_llama_path, tmp_path, monk
     tc3 = _tc(tmp_path)
     more = [random_tokens(17, seed=400 + i) for i in range(4)]
     for t in more:
-        tc3.insert_cache(key, t, _snap(model, t))
+        tc3.insert_cache(key, t, prefilled_cache(model, t))
     assert tc3.close(flush_timeout=0.05) is False
     assert tc3.writer.counters["dropped_writes"] >= 1
     monkeypatch.setattr(DiskStore, "save", real_save)
@@ -223,7 +210,7 @@ def test_restart_serves_from_disk(tiny_llama, tiny_llama_path, tmp_path):
     seqs = [random_tokens(n, seed=500 + n) for n in (13, 30, 45)]
     tc = _tc(tmp_path, prewarm_bytes=0)
     for t in seqs:
-        tc.insert_cache(key, t, _snap(model, t))
+        tc.insert_cache(key, t, prefilled_cache(model, t))
     assert tc.close(flush_timeout=30)
     tc = _tc(tmp_path, prewarm_bytes=1 << 20)  # the index is the truth: no scan
     assert len(tc) == 0
@@ -232,7 +219,7 @@ def test_restart_serves_from_disk(tiny_llama, tiny_llama_path, tmp_path):
         found = tc.fetch(key, q)
         cache, rem = found.prompt_cache, found.rest
         assert found.source == "disk" and found.disk_tokens == len(t)
-        _warm_equals_cold(model, cache, q, rem)
+        assert_warm_equals_cold(model, cache, q, rem, GEN)
     assert tc.close()
 
 
@@ -245,15 +232,15 @@ def test_prewarm_restores_recent_snapshots_into_memory(tiny_llama, tiny_llama_pa
     tc = _tc(tmp_path)
     tc.register_model(key, tiny_llama_path, model)
     for t in seqs:
-        tc.insert_cache(key, t, _snap(model, t))
+        tc.insert_cache(key, t, prefilled_cache(model, t))
         time.sleep(0.01)  # distinct access times
     salted = random_tokens(25, seed=999)
-    tc.insert_cache(key, salted, _snap(model, salted), salt="tenant")
+    tc.insert_cache(key, salted, prefilled_cache(model, salted), salt="tenant")
     assert tc.close(flush_timeout=30)
     # Budget for about two of the three snapshots: the two most recent win.
     # Restored buffers are rounded up to 256 rows (room for the next tokens), so
     # each of these short snapshots restores to 256 rows.
-    per_row = sum(2 * c.keys[..., :1, :].nbytes for c in _snap(model, seqs[0]))
+    per_row = sum(2 * c.keys[..., :1, :].nbytes for c in prefilled_cache(model, seqs[0]))
     budget = 2 * 256 * per_row
     tc = _tc(tmp_path, prewarm_bytes=budget)
     assert len(tc) == 0
@@ -266,7 +253,7 @@ def test_prewarm_restores_recent_snapshots_into_memory(tiny_llama, tiny_llama_pa
         found = tc.fetch(key, q)
         cache, rem = found.prompt_cache, found.rest
         assert found.source == "memory" and found.memory_tokens == len(t)
-        _warm_equals_cold(model, cache, q, rem)
+        assert_warm_equals_cold(model, cache, q, rem, GEN)
     # The oldest one and the salted tenant's come from disk (salts are never guessed).
     found = tc.fetch(key, seqs[0] + [9, 10])
     cache, rem = found.prompt_cache, found.rest
@@ -285,13 +272,13 @@ def test_exact_hit_leaves_a_token(tiny_llama, tiny_llama_path, tmp_path):
     key = str(tiny_llama_path)
     toks = random_tokens(33, seed=11)
     tc = _tc(tmp_path)
-    tc.insert_cache(key, toks, _snap(model, toks))
+    tc.insert_cache(key, toks, prefilled_cache(model, toks))
     for _ in range(2):  # memory hit (handed over), then the same from disk
         found = tc.fetch(key, toks)
         cache, rem = found.prompt_cache, found.rest
         assert len(rem) >= 1 and rem == toks[len(toks) - len(rem):]
         assert found.cached_tokens == len(toks) - 1
-        _warm_equals_cold(model, cache, toks, rem)
+        assert_warm_equals_cold(model, cache, toks, rem, GEN)
         tc.flush(30)
     assert tc.stats()["disk"]["hits"] == 1
     cache, rem = tc.fetch_nearest_cache(key, toks[:1])  # one-token query: nothing to reuse
@@ -307,13 +294,13 @@ def test_max_bytes_on_every_path(tiny_llama, tiny_llama_path, tmp_path):
     key = str(tiny_llama_path)
     small = [random_tokens(20, seed=600 + i) for i in range(4)]
     big = random_tokens(300, seed=9)  # 300 tokens: a 512-row buffer, twice the size
-    S = _size(_snap(model, small[0]))
+    S = _size(prefilled_cache(model, small[0]))
     tc = _tc(tmp_path, max_bytes=2 * S + S // 2)
     for t in small:  # insert
-        tc.insert_cache(key, t, _snap(model, t))
+        tc.insert_cache(key, t, prefilled_cache(model, t))
         assert tc.nbytes <= tc.max_bytes
     assert len(tc) == 2
-    tc.insert_cache(key, big, _snap(model, big))  # bigger than what is left
+    tc.insert_cache(key, big, prefilled_cache(model, big))  # bigger than what is left
     assert tc.nbytes <= tc.max_bytes and len(tc) == 1
     assert tc.flush(30)
     for t in small:  # promotion
@@ -326,11 +313,10 @@ def test_max_bytes_on_every_path(tiny_llama, tiny_llama_path, tmp_path):
     assert tc.nbytes == 0 and len(tc) == 0
     # A snapshot larger than the whole budget is never held, but persisted.
     tiny = _tc(tmp_path / "t", max_bytes=S // 2)
-    tiny.insert_cache(key, small[0], _snap(model, small[0]))
+    tiny.insert_cache(key, small[0], prefilled_cache(model, small[0]))
     assert tiny.nbytes == 0
     tiny.flush(30)
     found = tiny.fetch(key, small[0] + [1])
-    cache, rem = found.prompt_cache, found.rest
     assert found.disk_tokens == 20 and tiny.nbytes <= tiny.max_bytes
     assert tiny.close() and tc.close()
 
@@ -344,10 +330,10 @@ def test_threads_no_errors_no_wrong_hits(tiny_llama, tiny_llama_path, tmp_path):
     base = random_tokens(24, seed=42)
     # Sequences sharing prefixes of different lengths: wrong hits would be easy.
     seqs = [base[:k] + random_tokens(12 + i, seed=700 + i) for i, k in enumerate((0, 8, 8, 16, 24, 24))]
-    snaps = [_snap(model, t) for t in seqs]
+    snaps = [prefilled_cache(model, t) for t in seqs]
     S = _size(snaps[0])
     queries = [t + [5, 6] for t in seqs] + [t[: len(t) - 3] + [7] for t in seqs]
-    ref_keys = [[np.array(c.keys[..., : len(q), :]) for c in _snap(model, q)] for q in queries]
+    ref_keys = [[np.array(c.keys[..., : len(q), :]) for c in prefilled_cache(model, q)] for q in queries]
     tc = _tc(tmp_path, max_bytes=2 * S, writer_queue_bytes=4 * S)
     for t, s in zip(seqs, snaps):  # the disk starts with everything, memory with little
         tc.insert_cache(key, t, s)
@@ -404,7 +390,7 @@ def test_write_back_persists_only_on_eviction(tiny_llama, tiny_llama_path, tmp_p
     seqs = [random_tokens(20, seed=800 + i) for i in range(3)]
     tc = _tc(tmp_path, write_policy="back")
     for t in seqs:
-        tc.insert_cache(key, t, _snap(model, t))
+        tc.insert_cache(key, t, prefilled_cache(model, t))
     assert tc.flush(30)
     assert tc.stats()["disk"]["entries"] == 0 and tc.stats()["writer"]["written"] == 0
     tc.trim_to(n_sequences=1)  # evicts seqs[0], seqs[1]
@@ -417,7 +403,7 @@ def test_write_back_persists_only_on_eviction(tiny_llama, tiny_llama_path, tmp_p
         cache, rem = found.prompt_cache, found.rest
         if i < 2:
             assert found.source == "disk"
-            _warm_equals_cold(model, cache, q, rem)
+            assert_warm_equals_cold(model, cache, q, rem, GEN)
         else:
             assert cache is None and found.source == "none"
     with pytest.raises(ValueError):
@@ -430,15 +416,15 @@ def test_memory_only(tiny_llama, tiny_llama_path):
     key = str(tiny_llama_path)
     toks = random_tokens(30, seed=12)
     tc = TieredPromptCache(max_size=1)
-    tc.insert_cache(key, toks, _snap(model, toks))
+    tc.insert_cache(key, toks, prefilled_cache(model, toks))
     q = toks + [1, 2]
     found = tc.fetch(key, q)
     cache, rem = found.prompt_cache, found.rest
     assert found.source == "memory"
-    _warm_equals_cold(model, cache, q, rem)
+    assert_warm_equals_cold(model, cache, q, rem, GEN)
     other = random_tokens(30, seed=13)
-    tc.insert_cache(key, toks, _snap(model, toks))
-    tc.insert_cache(key, other, _snap(model, other))  # max_size=1: toks is gone for good
+    tc.insert_cache(key, toks, prefilled_cache(model, toks))
+    tc.insert_cache(key, other, prefilled_cache(model, other))  # max_size=1: toks is gone for good
     found = tc.fetch(key, q)
     cache, rem = found.prompt_cache, found.rest
     assert cache is None and rem == q and found.source == "none"
@@ -456,13 +442,13 @@ def test_salt_isolation(tiny_llama, tiny_llama_path, tmp_path):
     toks = random_tokens(26, seed=14)
     q = toks + [3]
     tc = _tc(tmp_path)
-    tc.insert_cache(key, toks, _snap(model, toks), salt="tenant-a")
+    tc.insert_cache(key, toks, prefilled_cache(model, toks), salt="tenant-a")
     assert tc.flush(30)
     for tier in ("memory", "disk"):
         assert tc.fetch_nearest_cache(key, q, salt="tenant-b")[0] is None
         assert tc.fetch_nearest_cache(key, q)[0] is None
         found = tc.fetch(key, q, salt="tenant-a")
-        cache, rem = found.prompt_cache, found.rest
+        rem = found.rest
         assert found.source == tier and len(rem) == 1
         tc.clear("memory")
     assert tc.close()
@@ -473,15 +459,16 @@ def test_register_model_namespace_equals_auto(tiny_llama, tiny_llama_path, tmp_p
     toks = random_tokens(20, seed=15)
     tc = _tc(tmp_path)
     auto_key = str(tiny_llama_path)
-    tc.insert_cache(auto_key, toks, _snap(model, toks))
+    tc.insert_cache(auto_key, toks, prefilled_cache(model, toks))
     assert tc.flush(30)
-    auto_ns = tc._ns_by_key[auto_key]
+    auto_ns = tc.namespace_of(auto_key)
+    assert tc.namespace_of("my-model") is None
     reg = tc.register_model("my-model", tiny_llama_path, model)
     assert reg == auto_ns == model_namespace(tc.disk, tiny_llama_path, model)
     # Another spelling of the same model finds the same disk entries.
     for k in ("my-model", (str(tiny_llama_path), None, None)):
         found = tc.fetch(k, toks + [2])
-        cache, rem = found.prompt_cache, found.rest
+        rem = found.rest
         assert found.source == "disk" and len(rem) == 1
     # A key naming no model folder stays memory-only (and never hits the disk).
     found = tc.fetch("no-such-model", toks + [2])
@@ -494,7 +481,7 @@ def test_snapshot_not_matching_its_tokens_is_refused(tiny_llama, tiny_llama_path
     key = str(tiny_llama_path)
     toks = random_tokens(21, seed=16)
     tc = _tc(tmp_path)
-    tc.insert_cache(key, toks + [5], _snap(model, toks))  # one token more than the cache holds
+    tc.insert_cache(key, toks + [5], prefilled_cache(model, toks))  # one token more than the cache holds
     assert tc.flush(30)
     cache, rem = tc.fetch_nearest_cache(key, toks + [5, 6])
     assert cache is None and tc.stats()["rejected_inserts"] == 1
@@ -515,7 +502,7 @@ def test_hits_decode_in_place(tiny_llama, tiny_llama_path, tmp_path):
     key = str(tiny_llama_path)
     t = random_tokens(300, seed=77)
     tc = _tc(tmp_path, keep_promoted=False)
-    tc.insert_cache(key, t, _snap(model, t))
+    tc.insert_cache(key, t, prefilled_cache(model, t))
     assert tc.flush(30)
     tc.clear("memory")
     q = t + [5, 6]
@@ -563,7 +550,7 @@ def test_adapter_and_draft_are_part_of_the_namespace(tiny_llama, tiny_llama_path
     lora2 = (str(tiny_llama_path), str(_fake_adapter(tmp_path / "lora2", 2)), None)
     t = random_tokens(40, seed=31)
     tc = _tc(tmp_path)
-    tc.insert_cache(lora1, t, _snap(model, t))
+    tc.insert_cache(lora1, t, prefilled_cache(model, t))
     assert tc.flush(30)
     tc.clear("memory")
     for other in (base, lora2):
@@ -574,19 +561,49 @@ def test_adapter_and_draft_are_part_of_the_namespace(tiny_llama, tiny_llama_path
     rem = found.rest
     assert found.source == "disk" and rem == [5]
     # register_model with the adapter binds the same namespace the key derives.
-    assert tc.register_model(lora1, tiny_llama_path, model, adapter_path=lora1[1]) == tc._namespaces(lora1)[0]
+    derived = tc.namespace_of(lora1)
+    assert derived is not None
+    assert tc.register_model(lora1, tiny_llama_path, model, adapter_path=lora1[1]) == derived
     # A draft model adds its cache layers to the layout: main + draft layers
     # round-trip through disk as one prompt cache.
     spec = (str(tiny_llama_path), None, str(tiny_llama_path))
     tc.register_model(spec, tiny_llama_path, model, draft_model_path=spec[2], draft_model=model)
-    both = _snap(model, t) + _snap(model, t)
+    both = prefilled_cache(model, t) + prefilled_cache(model, t)
     tc.insert_cache(spec, t, both)
     assert tc.flush(30)
     tc.clear("memory")
     found = tc.fetch(spec, t + [5])
     cache, rem = found.prompt_cache, found.rest
-    assert found.source == "disk" and len(cache) == 2 * len(_snap(model, t))
+    assert found.source == "disk" and len(cache) == 2 * len(prefilled_cache(model, t))
     found = tc.fetch(base, t + [5])
     rem = found.rest
     assert found.source == "none"
     assert tc.close()
+
+
+def test_disk_win_does_not_reinsert_a_cloned_memory_hit(tiny_llama, tiny_llama_path, tmp_path):
+    """When the disk beats a memory hit that was cloned (not handed over), the clone
+    must not be re-inserted: the entry is still in memory, so the "give back" only
+    adds a redundant trimmed copy and evicts a useful entry to make room."""
+    model, _ = tiny_llama
+    tc = TieredPromptCache(max_size=3, disk_dir=tmp_path / "d", block_size=4, keep_promoted=False)
+    try:
+        tc.register_model("m", tiny_llama_path, model)
+        t = random_tokens(24, seed=11)
+        tc.insert_cache("m", t[:20], prefilled_cache(model, t[:20]))
+        tc.flush()
+        other = random_tokens(10, seed=12)
+        diverging = t[:8] + random_tokens(6, seed=13)
+        third = random_tokens(9, seed=14)
+        for toks in (other, diverging, third):  # pushes t[:20] out of memory
+            tc.insert_cache("m", toks, prefilled_cache(model, toks))
+        held = {tuple(e[1]) for e in tc.memory.entries()}
+        assert tuple(t[:20]) not in held and len(held) == 3
+        found = tc.fetch("m", t)
+        cache, rem = found.prompt_cache, found.rest
+        assert found.source == "disk"
+        assert_warm_equals_cold(model, cache, t, rem)
+        after = {tuple(e[1]) for e in tc.memory.entries()}
+        assert after == held  # nothing evicted, no redundant t[:8] entry
+    finally:
+        tc.close()

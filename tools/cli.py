@@ -24,7 +24,7 @@ from typing import Any
 import click
 
 from tiercache.errors import TiercacheError
-from tiercache.tools.options import EXIT_ERROR, SIZE, CliError, setting_option
+from tiercache.tools.options import SIZE, CliError, setting_option
 from tiercache.tools.prompts import prompt_tokens, read_prompts
 from tiercache.tools.render import console, emit, human_size, human_time, iso, print_table, short
 

@@ -232,6 +232,15 @@ class TieredPromptCache:
             self._prewarm_thread.start()
         return ns
 
+    def namespace_of(self, key: Hashable) -> Namespace | None:
+        """Return the disk namespace ``key`` is bound to, or ``None`` if not bound yet.
+
+        A key is bound by :meth:`register_model`, or by its first insert when the
+        key names a local model folder.
+        """
+        with self._ns_lock:
+            return self._ns_by_key.get(key)
+
     def wait_prewarmed(self, timeout: float | None = None) -> bool:
         """Wait until prewarming (started by :meth:`register_model`) has finished.
 
