@@ -16,7 +16,7 @@ from conftest import random_tokens
 from mlx_helpers import assert_warm_equals_cold, first_logits, prefill, prefilled_cache
 from mlx_lm.models.cache import make_prompt_cache
 
-from tiercache import TieredPromptCache
+from tiercache import FetchResult, TieredPromptCache
 from tiercache.store.disk import DiskStore
 from tiercache.tiers.memory import clone_prompt_cache
 from tiercache.store.namespaces import model_namespace
@@ -32,6 +32,21 @@ def _size(snapshot) -> int:
 def _tc(tmp_path, **kw):
     kw.setdefault("block_size", B)
     return TieredPromptCache(disk_dir=tmp_path / "store", **kw)
+
+
+# --------------------------------------------------------------------- the lookup result
+
+
+def test_fetch_result_counts_any_tier():
+    # A tier added later (say a remote one) reports under its own name; the
+    # convenience properties keep meaning what they meant.
+    r = FetchResult(None, [7], query_tokens=41, tokens_by_tier={"remote": 40})
+    assert (r.source, r.cached_tokens, r.memory_tokens, r.disk_tokens) == ("remote", 40, 0, 0)
+    miss = FetchResult(None, [1, 2], query_tokens=2)
+    assert (miss.source, miss.cached_tokens) == ("none", 0)
+    tc = TieredPromptCache(max_size=1)
+    assert tc.wait_prewarmed(0)  # nothing to prewarm: done at once
+    assert tc.fetch("k", []) == FetchResult(None, [])
 
 
 # --------------------------------------------------------------------- budget and order
