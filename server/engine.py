@@ -361,21 +361,19 @@ class Engine:
         )
         from mlx_lm.sample_utils import make_sampler
 
+        from tiercache import FetchResult
+
         tokens = list(p.tokens)
         t_start = time.perf_counter()
         try:
-            prompt_cache, rest = self.cache.fetch_nearest_cache(
-                self.model_key, tokens, salt=p.salt)
-            info = getattr(self.cache, "last_fetch", None)
+            found = self.cache.fetch(self.model_key, tokens, salt=p.salt)
         except Exception:  # a broken cache must not fail the request: run cold
             logger.exception("prefix lookup failed; computing the prompt from scratch")
-            prompt_cache, rest, info = None, tokens, None
+            found = FetchResult(None, tokens, len(tokens))
         restore_s = time.perf_counter() - t_start
-        rest = list(rest)
-        cached = len(tokens) - len(rest) if prompt_cache is not None else 0
-        disk = int(getattr(info, "disk_tokens", 0) or 0) if info is not None else 0
-        disk = min(disk, cached)
-        memory = cached - disk
+        prompt_cache, rest = found.prompt_cache, list(found.rest)
+        cached = found.cached_tokens if prompt_cache is not None else 0
+        memory, disk = found.memory_tokens, found.disk_tokens
         if prompt_cache is None:
             prompt_cache = make_prompt_cache(self.model)
             rest = tokens
@@ -390,6 +388,8 @@ class Engine:
                 "cached_tokens": cached,
                 "memory_tokens": memory,
                 "disk_tokens": disk,
+                # Tiers added later (writer-pending, remote) report themselves.
+                **{f"{tier}_tokens": n for tier, n in found.tokens_by_tier.items()},
             },
         }
         emit(("start", usage))
@@ -499,10 +499,12 @@ class Engine:
             The tokens still to feed (the last prompt token).
         """
         try:
+            from tiercache.store.layout import DEFAULT_BLOCK_SIZE
             from tiercache.tiers.checkpoints import CheckpointPolicy, prefill_with_checkpoints
         except ImportError:
             return rest
-        policy = CheckpointPolicy(min_tokens=self.cfg.block_size)
+        # parse_config resolves the block size; a ServerConfig built in code may leave it None.
+        policy = CheckpointPolicy(min_tokens=self.cfg.block_size or DEFAULT_BLOCK_SIZE)
         stops = policy.stops(prompt_len=len(tokens), user_start=p.user_start,
                              trimmable=False, cached=cached)
         # The end of the prefill (all but the last prompt token) is also worth a
