@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from mlx_lm.models.cache import KVCache, make_prompt_cache, save_prompt_cache
 
 from mlx_helpers import prefill
-from server_helpers import start_server
+from tiercache.tools.server_process import start_server
 from tiercache.admin.interop import InteropError, import_mlx_lm
 from tiercache.store.disk import DiskStore
 from tiercache.store.namespaces import model_namespace, probe_layer_desc
@@ -184,7 +184,7 @@ def test_namespace_made_by_an_insert_records_the_geometry(tmp_path, tiny_llama_p
     tc = TieredPromptCache(disk_dir=tmp_path / "d", block_size=B)
     tc.insert_cache(str(tiny_llama_path), toks, cache)
     assert tc.flush(30)
-    ns = tc._ns_by_key[str(tiny_llama_path)]
+    ns = tc.namespace_of(str(tiny_llama_path))
     assert tc.disk.geometry(ns)["layers"] == probe_layout(model)[1]["layers"]
     # register_model adds what an insert can't know (the vocabulary size).
     assert tc.register_model("m", tiny_llama_path, model) == ns

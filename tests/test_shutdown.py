@@ -11,7 +11,8 @@ import threading
 
 import httpx
 
-from server_helpers import start_server, wait_for
+from server_helpers import wait_for
+from tiercache.tools.server_process import start_server
 
 LONG = 7000  # completion tokens: far longer than the shutdown timeout at any speed
 WAIT_BOUND = 120.0  # generous: shutdown-timeout + flush-timeout + start-up noise
