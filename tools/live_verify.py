@@ -60,6 +60,7 @@ def _plant_orphan(d: Path) -> Path:
 
 
 def _client(url: str, model: str, stop: threading.Event, seed: int, stats: dict) -> None:
+    """Send completions back to back until ``stop``; count answers by status."""
     rng = random.Random(seed)
     heads = [[(31 * h + i) % 500 + 3 for i in range(48)] for h in range(4)]
     with httpx.Client(timeout=120) as c:
@@ -71,6 +72,7 @@ def _client(url: str, model: str, stop: threading.Event, seed: int, stats: dict)
 
 
 def _sigterm_with_queue(srv: ServerProcess, model: str, queued: int) -> dict:
+    """Queue long requests behind a running one, SIGTERM, record answers and exit."""
     answers: dict = {}
 
     def post(key, body):
@@ -100,6 +102,12 @@ def _sigterm_with_queue(srv: ServerProcess, model: str, queued: int) -> dict:
 
 
 def main(argv=None) -> int:
+    """Run the live loop and the SIGTERM round; print the summary.
+
+    Returns:
+        0 when every run was clean, the shutdown answered as it should and exited
+        0, and the final verify was clean; else 1.
+    """
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--seconds", type=float, default=60.0)
