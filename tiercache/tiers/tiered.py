@@ -35,6 +35,7 @@ from ..store.restore import RestoreError
 from ..store.hashing import Namespace, chain_root, checkpoint_id, next_hash, salt_bytes
 from ..store.index import KIND_BLOCK
 from .memory import MemoryPromptCache
+from ..remote.tier import DEFAULT_TIMEOUT_MS, DEFAULT_TTL, RemoteTier
 from ..store.namespaces import cache_arrays, key_fingerprint, model_namespace
 from .writer import BackgroundWriter, WriteJob
 
@@ -51,21 +52,26 @@ class FetchInfo:
         query_tokens: length of the query.
         memory_tokens: tokens served from the memory tier.
         disk_tokens: tokens restored from disk (then promoted into memory).
-        restore_seconds: time spent restoring from disk.
+        remote_tokens: tokens restored from the remote tier (some blocks may
+            have come from local disk; the hit counts as remote).
+        restore_seconds: time spent restoring from disk or the remote.
     """
 
     query_tokens: int = 0
     memory_tokens: int = 0
     disk_tokens: int = 0
     restore_seconds: float = 0.0
+    remote_tokens: int = 0
 
     @property
     def cached_tokens(self) -> int:
-        return self.memory_tokens + self.disk_tokens
+        return self.memory_tokens + self.disk_tokens + self.remote_tokens
 
     @property
     def source(self) -> str:
-        """``"memory"``, ``"disk"`` or ``"none"``."""
+        """``"memory"``, ``"disk"``, ``"remote"`` or ``"none"``."""
+        if self.remote_tokens:
+            return "remote"
         if self.disk_tokens:
             return "disk"
         return "memory" if self.memory_tokens else "none"
@@ -96,6 +102,13 @@ def _offset_mismatch(prompt_cache: list, n: int):
     return None
 
 
+@dataclass(eq=False)
+class RemoteRecords:
+    """Verified records of a remote hit, queued for the local disk (writer job)."""
+
+    items: list
+
+
 class TieredPromptCache:
     """A prefix cache that keeps hot snapshots in memory and everything on disk.
 
@@ -122,6 +135,11 @@ class TieredPromptCache:
             caller's first write copies them (MLX copy-on-write); a caller that
             re-inserts what it computed anyway (the server) passes False and
             writes in place.
+        remote_url: a Redis/Valkey URL (``redis://``, ``rediss://``, ``unix://``)
+            shared by several caches: a third tier after memory and disk (needs
+            ``disk_dir``). See :mod:`tiercache.remote`.
+        remote_ttl: seconds each remote key lives (0: no expiry).
+        remote_timeout_ms: socket timeout of remote lookups.
     """
 
     def __init__(
@@ -138,6 +156,9 @@ class TieredPromptCache:
         writer_queue_bytes: int = 2 << 30,
         handover: bool = True,
         keep_promoted: bool = True,
+        remote_url: str | None = None,
+        remote_ttl: int | None = DEFAULT_TTL,
+        remote_timeout_ms: float = DEFAULT_TIMEOUT_MS,
     ):
         if write_policy not in WRITE_POLICIES:
             raise ValueError(f"write_policy must be one of {WRITE_POLICIES}, not {write_policy!r}")
@@ -155,6 +176,12 @@ class TieredPromptCache:
                 self._write, max_queue_bytes=writer_queue_bytes, idle=self.disk.flush_touches
             )
         bs = self.disk.block_size if self.disk else block_size
+        self.remote: RemoteTier | None = None
+        if remote_url is not None:
+            if self.disk is None:
+                raise ValueError("remote_url needs disk_dir (namespaces and restored blocks live there)")
+            self.remote = RemoteTier(remote_url, block_size=bs, ttl=remote_ttl,
+                                     timeout_ms=remote_timeout_ms)
         self.min_promote_tokens = bs if min_promote_tokens is None else min_promote_tokens
         self._ns_lock = threading.Lock()
         self._ns_by_key: dict[Hashable, Namespace] = {}
@@ -297,6 +324,9 @@ class TieredPromptCache:
                     if plan.n_tokens:
                         plans.append(plan)
             disk_best = max((p.n_tokens for p in plans), default=0)
+            remote = self._remote_lookup(model, tokens, sb, limit, max(mem_n, disk_best), plans)
+            if remote is not None:
+                return self._serve_remote(model, sb, tokens, hit, remote, info)
             if disk_best > mem_n and (mem_n == 0 or disk_best - mem_n >= self.min_promote_tokens):
                 t0 = time.perf_counter()
                 cache, n = self._restore(plans, tokens, sb, limit)
@@ -319,6 +349,49 @@ class TieredPromptCache:
             return None, list(tokens)
         info.memory_tokens = mem_n
         return hit.prompt_cache, list(tokens[mem_n:])
+
+    # --- remote tier hooks ----------------------------------------------------------------
+
+    def _remote_lookup(self, model, tokens, salt, limit, local_best, plans):
+        """A remote hit beating the local tiers by ``min_promote_tokens``, restored,
+        as ``(namespace, cache, hit, seconds)``; None otherwise (never raises)."""
+        if self.remote is None or self._closed:
+            return None
+        floor = local_best + (max(1, self.min_promote_tokens) if local_best else 1)
+        if limit < floor:
+            return None
+        for ns in self._namespaces(model):
+            desc = self.disk.layer_desc(ns)
+            local = next((p.chain for p in plans if p.namespace == ns), [])
+            t0 = time.perf_counter()
+            found = self.remote.lookup(ns, desc, tokens, salt, limit, local)
+            if found is None or found.n_tokens < floor:
+                continue
+            try:
+                cache = self.remote.restore(found, self.disk.file_path)
+            except (RestoreError, ValueError) as e:
+                # Checked bytes that still don't build a cache (or a local file
+                # went bad meanwhile): a miss, never a wrong hit.
+                self.remote.counters["rejected"] += 1
+                log.warning("remote hit not restored: %s", e)
+                continue
+            return ns, cache, found, time.perf_counter() - t0
+        return None
+
+    def _serve_remote(self, model, salt, tokens, hit, remote, info):
+        """Hands a remote hit to the caller; its records go to local disk via the writer."""
+        ns, cache, found, dt = remote
+        n = found.n_tokens
+        if hit is not None and hit.prompt_cache is not None:
+            self._give_back(model, salt, tokens, hit)
+        if self.keep_promoted:
+            self.memory.insert((model, salt), tokens[:n], cache, cache_type="user")
+        items = found.remote_items()
+        self.writer.submit(WriteJob(ns, (), RemoteRecords(items), salt, sum(len(b) for _, b in items)))
+        info.remote_tokens, info.restore_seconds = n, dt
+        self.counters["promotions"] += 1
+        self.counters["restore_seconds"] += dt
+        return cache, list(tokens[n:])
 
     def _restore(self, plans, tokens, salt, limit):
         """Restores the longest plan; a bad file makes the store fall back itself."""
@@ -383,7 +456,12 @@ class TieredPromptCache:
         self.writer.submit(WriteJob(ns, tokens, host, salt, nbytes))
 
     def _write(self, ns, tokens, host, salt) -> None:
-        self.disk.save(ns, tokens, host, salt=salt or None)
+        if isinstance(host, RemoteRecords):  # a remote hit: keep a local copy
+            self.disk.adopt_records(ns, host.items)
+            return
+        result = self.disk.save(ns, tokens, host, salt=salt or None)
+        if self.remote is not None:  # share what this commit added
+            self.remote.push(ns, result.written, self.disk.file_path)
 
     def _on_evict(self, key, tokens, prompt_cache, cache_type) -> None:
         if self.disk is None:
@@ -420,7 +498,8 @@ class TieredPromptCache:
 
     def stats(self) -> dict:
         """Per-tier counters: entries, bytes, hits and hit tokens, promotions,
-        demotions, evictions, writer queue bytes and dropped writes."""
+        demotions, evictions, writer queue bytes and dropped writes; with a remote
+        tier, its hits, misses, rejections, errors, bytes, latency and breaker."""
         m = self.memory.counters
         out = {
             "memory": {
@@ -460,6 +539,8 @@ class TieredPromptCache:
                 "dropped_writes": w["dropped_writes"],
                 "errors": w["errors"],
             }
+        if self.remote is not None:
+            out["remote"] = self.remote.stats()
         return out
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -468,6 +549,8 @@ class TieredPromptCache:
             return True
         ok = self.writer.flush(timeout)
         self.disk.flush_touches()
+        if self.remote is not None:  # pushes follow the disk commits just flushed
+            ok = self.remote.flush(timeout) and ok
         return ok
 
     def clear(self, tier: str | None = None) -> None:
@@ -489,6 +572,8 @@ class TieredPromptCache:
         ok = True
         if self.writer is not None:
             ok = self.writer.close(flush_timeout)
+        if self.remote is not None:
+            self.remote.close(min(flush_timeout, 5.0))
         if self.disk is not None:
             if self.writer is not None and self.writer.is_alive():
                 # The writer is stuck inside a save (a hung disk): closing LMDB
