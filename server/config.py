@@ -106,6 +106,35 @@ def _choice(options: Sequence[str], upper: bool = False) -> Callable[[str], str]
     return parse
 
 
+def _remote_url(text: str) -> str | None:
+    from tiercache.remote.client import check_url
+
+    value = str(text).strip()
+    if value.lower() in ("", "none"):
+        return None
+    try:
+        return check_url(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text!r}")
+    return value
+
+
+def _positive_ms(text: str) -> float:
+    value = _positive_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return value
+
+
 def _size_or_none(text: str) -> int | None:
     if str(text).strip().lower() in ("", "none"):
         return None
@@ -136,6 +165,10 @@ class ServerConfig:
         flush_timeout: Seconds to wait for the disk writer at shutdown.
         writer_queue_bytes: Bound on snapshots waiting for the disk writer;
             beyond it the oldest pending writes are dropped (and counted).
+        remote_url: Redis/Valkey URL of the shared remote tier (``None``
+            disables it; needs ``disk_dir``).
+        remote_ttl: Seconds each remote key lives (0 = no expiry).
+        remote_timeout_ms: Socket timeout of remote lookups, milliseconds.
     """
 
     model: str | None = None
@@ -155,6 +188,9 @@ class ServerConfig:
     max_queue: int = 64
     flush_timeout: float = 10.0
     writer_queue_bytes: int = 2 << 30
+    remote_url: str | None = None
+    remote_ttl: int = 7 * 24 * 3600
+    remote_timeout_ms: float = 50.0
 
 
 # (flag, parser, help). Defaults come from ServerConfig.
@@ -183,6 +219,11 @@ _FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--writer-queue-bytes", parse_size, ("Bound on snapshots waiting for the disk writer; "
                                           "beyond it the oldest pending writes are dropped "
                                           "(counted in /metrics)")),
+    ("--remote-url", _remote_url, ("Shared remote tier on Redis/Valkey: redis://[:password@]host:port/db, "
+                                   "rediss:// (TLS) or unix:///path (needs --disk-dir)")),
+    ("--remote-ttl", _non_negative_int, "Seconds each remote block lives (0 = no expiry)"),
+    ("--remote-timeout-ms", _positive_ms, ("Socket timeout of remote lookups in ms; a stuck "
+                                           "Redis never delays a request longer")),
 ]
 
 
@@ -306,6 +347,8 @@ def validate_config(cfg: ServerConfig) -> None:
         raise ConfigError("--disk-bytes must be greater than 0")
     if cfg.writer_queue_bytes == 0:
         raise ConfigError("--writer-queue-bytes must be greater than 0")
+    if cfg.remote_url is not None and cfg.disk_dir is None:
+        raise ConfigError("--remote-url needs --disk-dir (remote hits are kept on local disk)")
     if cfg.api_key is not None and cfg.api_key.strip() == "":
         raise ConfigError("--api-key must not be empty")
 

@@ -165,6 +165,9 @@ class Engine:
             write_policy=cfg.write_policy,
             prewarm_bytes=cfg.prewarm_bytes,
             writer_queue_bytes=cfg.writer_queue_bytes,
+            remote_url=cfg.remote_url,
+            remote_ttl=cfg.remote_ttl,
+            remote_timeout_ms=cfg.remote_timeout_ms,
             # Every request re-inserts what it computed, so a disk hit needn't also
             # stay in memory (that copy would make the first decode step copy it all).
             keep_promoted=False,
@@ -184,12 +187,13 @@ class Engine:
             isinstance(c, RotatingKVCache) for c in probe
         )
         logger.info(
-            "loaded model %s in %.2fs (context %s, vocab %s; disk tier %s)",
+            "loaded model %s in %.2fs (context %s, vocab %s; disk tier %s; remote tier %s)",
             path,
             time.perf_counter() - t0,
             self.context_length,
             self.vocab_size,
             cfg.disk_dir or "off",
+            self.cache.remote.stats()["url"] if self.cache.remote is not None else "off",
         )
 
     def close(self, flush_timeout: float) -> None:
@@ -339,12 +343,14 @@ class Engine:
         cached = len(tokens) - len(rest) if prompt_cache is not None else 0
         disk = int(getattr(info, "disk_tokens", 0) or 0) if info is not None else 0
         disk = min(disk, cached)
-        memory = cached - disk
+        remote = int(getattr(info, "remote_tokens", 0) or 0) if info is not None else 0
+        remote = min(remote, cached - disk)
+        memory = cached - disk - remote
         if prompt_cache is None:
             prompt_cache = make_prompt_cache(self.model)
             rest = tokens
         if self.metrics is not None:
-            self.metrics.observe_fetch(len(tokens), memory, disk, restore_s)
+            self.metrics.observe_fetch(len(tokens), memory, disk, restore_s, remote=remote)
         usage = {
             "prompt_tokens": len(tokens),
             "completion_tokens": 0,
@@ -353,6 +359,7 @@ class Engine:
                 "cached_tokens": cached,
                 "memory_tokens": memory,
                 "disk_tokens": disk,
+                "remote_tokens": remote,
             },
         }
         emit(("start", usage))
@@ -430,13 +437,14 @@ class Engine:
             self.metrics.prefill.observe(prefill_s)
             self.metrics.generated_tokens.inc(len(generated))
         logger.info(
-            "request %s: prompt=%d cached=%d (memory=%d disk=%d) prefill=%.3fs ttft=%s "
+            "request %s: prompt=%d cached=%d (memory=%d disk=%d remote=%d) prefill=%.3fs ttft=%s "
             "decode=%.1f tok/s completion=%d finish=%s",
             p.request_id,
             len(tokens),
             cached,
             memory,
             disk,
+            remote,
             prefill_s,
             f"{ttft:.3f}s" if ttft is not None else "-",
             decode_tps,

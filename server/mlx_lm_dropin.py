@@ -4,7 +4,8 @@ Runs ``mlx_lm.server.main()`` unchanged except that the ``LRUPromptCache``
 it builds is a :class:`tiercache.TieredPromptCache`, so its prefix cache
 gains a disk tier and survives restarts. Our own flags (``--disk-dir``,
 ``--disk-bytes``, ``--block-size``, ``--write-policy``, ``--prewarm-bytes``,
-``--writer-queue-bytes``, ``--flush-timeout``) are parsed first; every other
+``--writer-queue-bytes``, ``--flush-timeout``, ``--remote-url``, ``--remote-ttl``,
+``--remote-timeout-ms``) are parsed first; every other
 flag is passed through to mlx_lm.server untouched.
 """
 
@@ -58,7 +59,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flush-timeout", type=float, default=env("FLUSH_TIMEOUT", "10.0"),
                    help="Seconds to wait for the disk writer at exit (default: 10.0; "
                    "env: TIERCACHE_FLUSH_TIMEOUT)")
+    p.add_argument("--remote-url", type=_remote_url, default=env("REMOTE_URL", None),
+                   help="Shared remote tier on Redis/Valkey: redis://, rediss:// or unix:// URL; "
+                   "needs --disk-dir (default: None; env: TIERCACHE_REMOTE_URL)")
+    p.add_argument("--remote-ttl", type=int, default=env("REMOTE_TTL", str(7 * 24 * 3600)),
+                   help="Seconds each remote block lives, 0 = no expiry (default: 604800; "
+                   "env: TIERCACHE_REMOTE_TTL)")
+    p.add_argument("--remote-timeout-ms", type=float, default=env("REMOTE_TIMEOUT_MS", "50"),
+                   help="Socket timeout of remote lookups in ms (default: 50; "
+                   "env: TIERCACHE_REMOTE_TIMEOUT_MS)")
     return p
+
+
+def _remote_url(text: str | None) -> str | None:
+    from tiercache.remote.client import check_url
+
+    if text is None or str(text).strip().lower() in ("", "none"):
+        return None
+    try:
+        return check_url(str(text).strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _peek_prompt_cache_bytes(argv: Sequence[str]) -> int | None:
@@ -90,6 +111,9 @@ def _make_cache(max_size: int = 10, max_bytes: int = 1 << 63, **_ignored):
         write_policy=opts.write_policy,
         prewarm_bytes=opts.prewarm_bytes,
         writer_queue_bytes=opts.writer_queue_bytes,
+        remote_url=opts.remote_url,
+        remote_ttl=opts.remote_ttl,
+        remote_timeout_ms=opts.remote_timeout_ms,
     )
     _state["cache"] = cache
     logger.info("tiercache: prompt cache is TieredPromptCache (disk tier: %s)",
@@ -152,6 +176,10 @@ def main(argv: Sequence[str] | None = None, hard_exit: bool = True) -> int:
         return int(exc.code or 2)
     if opts.block_size <= 0:
         ours.exit(2, f"{ours.prog}: error: --block-size must be positive\n")
+    if opts.remote_url and not opts.disk_dir:
+        ours.exit(2, f"{ours.prog}: error: --remote-url needs --disk-dir\n")
+    if opts.remote_ttl < 0 or opts.remote_timeout_ms <= 0:
+        ours.exit(2, f"{ours.prog}: error: --remote-ttl must be >= 0 and --remote-timeout-ms > 0\n")
     if opts.disk_dir:
         opts.disk_dir = os.path.expanduser(opts.disk_dir)
     opts.prompt_cache_bytes = _peek_prompt_cache_bytes(rest)
