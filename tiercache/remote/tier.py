@@ -359,6 +359,7 @@ class RemoteTier:
             cc = dict(self.client.counters)
         with self._cond:
             queue_bytes = self._queue_bytes
+            pending = len(self._queue) + (1 if self._busy else 0)
         return {
             "url": redacted(self.client.url),
             "ttl": self.ttl,
@@ -374,6 +375,7 @@ class RemoteTier:
             "round_trips": cc["calls"],
             "round_trip_seconds": cc["seconds"],
             "push_queue_bytes": queue_bytes,
+            "push_pending": pending,
         }
 
     def close(self, timeout: float = 5.0) -> None:
