@@ -251,3 +251,39 @@ def test_salt_and_namespace_isolation(tiny_llama, tiny_llama_path, tiny_sliding,
 def test_remote_needs_a_disk_tier_and_a_redis_url():
     with pytest.raises(ValueError, match="disk_dir"):
         TieredPromptCache(remote_url="redis://127.0.0.1:1/0")
+
+
+def test_slow_redis_never_holds_the_disk_writer_and_drops_are_counted(tiny_llama, tiny_llama_path,
+                                                                      tmp_path, redis_server, monkeypatch):
+    import threading
+
+    from tiercache.remote.client import RemoteClient
+
+    model, _ = tiny_llama
+    key = str(tiny_llama_path)
+    gate = threading.Event()
+    real_put = RemoteClient.put_many
+
+    def slow_put(self, items, ttl):  # fault injection: a Redis that takes forever to write
+        gate.wait(60)
+        return real_put(self, items, ttl)
+
+    monkeypatch.setattr(RemoteClient, "put_many", slow_put)
+    a = _tc(tmp_path, "a", redis_server.url)
+    a.register_model(key, tiny_llama_path, model)
+    for seed in range(5):
+        cache = make_prompt_cache(model)
+        tokens = random_tokens(24, seed=40 + seed)  # 3 blocks each
+        prefill(model, tokens, cache)
+        a.insert_cache(key, tokens, cache)
+        if seed == 0:  # the first push now hangs; room for one more job behind it
+            assert a.writer.flush(60)
+            a.remote.push_queue_bytes = a.stats()["disk"]["bytes"]
+    assert a.writer.flush(60)  # every snapshot reached the local disk while Redis hangs
+    assert a.stats()["disk"]["entries"] == 5 * 3
+    st = a.stats()["remote"]
+    assert st["push_pending"] >= 1 and st["dropped_pushes"] >= 1 and st["pushed_records"] == 0
+    gate.set()
+    assert a.remote.flush(60)
+    assert a.stats()["remote"]["pushed_records"] >= 1
+    a.close()

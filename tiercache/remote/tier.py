@@ -259,6 +259,11 @@ class RemoteTier:
         fetched[rr.record.id] = rr
         plan.chain, plan.last, plan.n_tokens = chain[:j], rr.record, end
 
+    def note_rejected(self, reason: str) -> None:
+        """Counts a hit the caller could not use (its bytes did not build a cache)."""
+        self._count(rejected=1)
+        log.warning("remote hit not restored: %s", reason)
+
     def restore(self, hit: RemoteHit, file_path: Callable[[Record], Path]) -> list | None:
         """Builds the cache from the fetched bytes (and local files for local records).
 

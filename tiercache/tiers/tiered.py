@@ -372,8 +372,7 @@ class TieredPromptCache:
             except (RestoreError, ValueError) as e:
                 # Checked bytes that still don't build a cache (or a local file
                 # went bad meanwhile): a miss, never a wrong hit.
-                self.remote.counters["rejected"] += 1
-                log.warning("remote hit not restored: %s", e)
+                self.remote.note_rejected(str(e))
                 continue
             return ns, cache, found, time.perf_counter() - t0
         return None
