@@ -268,6 +268,9 @@ def run(args) -> dict:
         spec.sessions = args.sessions
     if args.turns:
         spec.turns = args.turns
+    for name in ("system", "tool", "generated"):
+        if getattr(args, name):
+            setattr(spec, name, tuple(getattr(args, name)))
     turns = T.generate(spec)
     max_snap = max(len(t.prompt) + 1 for t in turns)
     budget = int(args.budget_sessions * ((max_snap + 255) // 256 + 1) * 256 * shape["kv_bytes_per_token"])
@@ -319,6 +322,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sessions", type=int, default=None)
     ap.add_argument("--turns", type=int, default=None)
+    ap.add_argument("--system", type=int, nargs=2, metavar=("MIN", "MAX"), help="system prompt tokens")
+    ap.add_argument("--tool", type=int, nargs=2, metavar=("MIN", "MAX"), help="tool-output tokens per turn")
+    ap.add_argument("--generated", type=int, nargs=2, metavar=("MIN", "MAX"), help="generated tokens per turn")
     ap.add_argument("--budget-sessions", type=float, default=2.0)
     ap.add_argument("--block-size", type=int, default=None, help="default 256 (--quick: 64)")
     ap.add_argument("--splits", nargs="+", choices=["sessions", "turns"], default=["sessions", "turns"])
