@@ -196,3 +196,33 @@ def test_cli_stats_remote(redis_server):
     assert table.exit_code == 0 and NS.hex()[:12] in table.output
     down = CliRunner().invoke(cli, ["stats", "--remote-url", "redis://127.0.0.1:1/0"])
     assert down.exit_code != 0 and "cannot read" in down.output
+
+
+def test_dropin_flags(capsys):
+    from tiercache.server import mlx_lm_dropin as D
+
+    opts, rest = D.build_parser().parse_known_args(
+        ["--disk-dir", "/tmp/x", "--remote-url", "rediss://h:6380/0", "--remote-ttl", "30",
+         "--remote-timeout-ms", "5", "--model", "m"])
+    assert (opts.remote_url, opts.remote_ttl, opts.remote_timeout_ms) == ("rediss://h:6380/0", 30, 5.0)
+    assert rest == ["--model", "m"]
+    with pytest.raises(SystemExit) as exc:
+        D.main(["--remote-url", "redis://h:1/0"], hard_exit=False)
+    assert exc.value.code == 2 and "--remote-url needs --disk-dir" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        D.build_parser().parse_known_args(["--remote-url", "ftp://h"])
+
+
+def test_dropin_cache_gets_the_remote_tier(tmp_path, redis_server, monkeypatch):
+    from tiercache.server import mlx_lm_dropin as D
+
+    opts, _ = D.build_parser().parse_known_args(
+        ["--disk-dir", str(tmp_path / "d"), "--remote-url", redis_server.url, "--remote-ttl", "30"])
+    opts.prompt_cache_bytes = None
+    monkeypatch.setitem(D._state, "opts", opts)
+    cache = D._make_cache(4)
+    try:
+        st = cache.stats()["remote"]
+        assert st["url"] == redis_server.url and st["ttl"] == 30 and st["breaker"] == "closed"
+    finally:
+        cache.close()
