@@ -133,6 +133,22 @@ def _positive_ms(text: str) -> float:
     if value == 0:
         raise argparse.ArgumentTypeError("must be greater than 0")
     return value
+def _names(text: str) -> tuple[str, ...]:
+    """Parse ``NAME[,ALIAS...]`` into a tuple of names (empty parts dropped)."""
+    names = tuple(dict.fromkeys(p.strip() for p in str(text).split(",") if p.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError(f"no model name in {text!r}")
+    return names
+
+
+def _switch(text: str) -> bool:
+    """Parse an on/off environment value (the flag itself takes no value)."""
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"invalid switch {text!r} (use 1/0, true/false, yes/no)")
 
 
 def _size_or_none(text: str) -> int | None:
@@ -169,6 +185,11 @@ class ServerConfig:
             disables it; needs ``disk_dir``).
         remote_ttl: Seconds each remote key lives (0 = no expiry).
         remote_timeout_ms: Socket timeout of remote lookups, milliseconds.
+        served_model_name: Names the model is served under: the first is its
+            id in responses and ``/v1/models``, the rest are aliases. Empty:
+            the ``--model`` value (or ``tiercache-demo``).
+        strict_model_name: Answer 404 to a request naming another model;
+            by default any name is served by the one loaded model.
     """
 
     model: str | None = None
@@ -191,6 +212,8 @@ class ServerConfig:
     remote_url: str | None = None
     remote_ttl: int = 7 * 24 * 3600
     remote_timeout_ms: float = 50.0
+    served_model_name: tuple[str, ...] = ()
+    strict_model_name: bool = False
 
 
 # (flag, parser, help). Defaults come from ServerConfig.
@@ -224,6 +247,11 @@ _FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--remote-ttl", _non_negative_int, "Seconds each remote block lives (0 = no expiry)"),
     ("--remote-timeout-ms", _positive_ms, ("Socket timeout of remote lookups in ms; a stuck "
                                            "Redis never delays a request longer")),
+    ("--served-model-name", _names, ("Name clients use for the model, then aliases, "
+                                     "comma-separated: NAME[,ALIAS...]; listed by /v1/models")),
+    ("--strict-model-name", _switch, ("Refuse (404) requests naming a model other than the "
+                                      "served name, its aliases or --model; by default any "
+                                      "name is served by the loaded model")),
 ]
 
 
@@ -258,11 +286,14 @@ def build_parser(prog: str = "tiercache-server") -> argparse.ArgumentParser:
         dest = flag.lstrip("-").replace("-", "_")
         default = getattr(defaults, dest)
         shown = "demo model" if dest == "model" else ("None" if default is None else default)
-        if dest == "api_key":
+        if dest in ("api_key", "served_model_name"):
             shown = "None"
+        how = {"action": "store_const", "const": True} if kind is _switch else {"type": kind}
+        if kind is _names:
+            how["metavar"] = "NAMES"
         parser.add_argument(
             flag,
-            type=kind,
+            **how,
             default=None,
             dest=dest,
             help=f"{text} (default: {shown}; env: {env_name(flag)})",

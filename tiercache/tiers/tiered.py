@@ -4,7 +4,8 @@
 * Disk tier: :class:`tiercache.store.disk.DiskStore` under ``disk_bytes``, written by a
   :class:`tiercache.tiers.writer.BackgroundWriter` so the generation thread never waits.
 * A lookup takes the memory result, asks the disk for a longer prefix, and restores
-  from disk when the disk offers at least ``min_promote_tokens`` more (any disk hit
+  from disk when reading it is expected to take less time than computing the tokens
+  memory lacks (:class:`tiercache.tiers.costmodel.PromotionCostModel`; any disk hit
   counts when memory has nothing); the restored snapshot is promoted into memory.
 * ``write_policy="through"`` persists every insert (dedup makes that cheap, and an
   eviction then costs nothing); ``"back"`` persists only what memory evicts.
@@ -34,6 +35,7 @@ from ..store.disk import DiskStore
 from ..store.restore import RestoreError
 from ..store.hashing import Namespace, chain_root, checkpoint_id, next_hash, salt_bytes
 from ..store.index import KIND_BLOCK
+from .costmodel import PromotionCostModel
 from .memory import MemoryPromptCache
 from ..remote.tier import DEFAULT_TIMEOUT_MS, DEFAULT_TTL, RemoteTier
 from ..store.namespaces import cache_arrays, key_fingerprint, model_namespace
@@ -42,6 +44,8 @@ from .writer import BackgroundWriter, WriteJob
 log = logging.getLogger("tiercache")
 
 WRITE_POLICIES = ("through", "back")
+UNLIMITED_BYTES = 1 << 63
+"""A memory budget this large (mlx-lm's default) is no budget."""
 
 
 @dataclass
@@ -124,8 +128,10 @@ class TieredPromptCache:
         prewarm_bytes: after :meth:`register_model`, restore up to this many bytes of
             the model's most recently used snapshots into memory on a background
             thread, so the first requests after a restart are memory hits.
-        min_promote_tokens: disk must beat memory by this many tokens to be used
-            (default: one block).
+        cost_model: decides between a memory prefix and a longer disk one from
+            measured restore and prefill rates (default: a fresh
+            :class:`~tiercache.tiers.costmodel.PromotionCostModel`). Feed it real
+            prefill timings with :meth:`observe_prefill`.
         writer_queue_bytes: bound on snapshots waiting for the writer; beyond it the
             oldest pending writes are dropped and counted.
         handover: give trimmable memory entries to the caller instead of cloning
@@ -145,14 +151,14 @@ class TieredPromptCache:
     def __init__(
         self,
         max_size: int = 10,
-        max_bytes: int = 1 << 63,
+        max_bytes: int = UNLIMITED_BYTES,
         *,
         disk_dir=None,
         disk_bytes: int | None = None,
         block_size: int | None = None,
         write_policy: str = "through",
         prewarm_bytes: int = 0,
-        min_promote_tokens: int | None = None,
+        cost_model: PromotionCostModel | None = None,
         writer_queue_bytes: int = 2 << 30,
         handover: bool = True,
         keep_promoted: bool = True,
@@ -175,14 +181,13 @@ class TieredPromptCache:
             self.writer = BackgroundWriter(
                 self._write, max_queue_bytes=writer_queue_bytes, idle=self.disk.flush_touches
             )
-        bs = self.disk.block_size if self.disk else block_size
+        self.cost_model = cost_model if cost_model is not None else PromotionCostModel()
         self.remote: RemoteTier | None = None
         if remote_url is not None:
             if self.disk is None:
                 raise ValueError("remote_url needs disk_dir (namespaces and restored blocks live there)")
-            self.remote = RemoteTier(remote_url, block_size=bs, ttl=remote_ttl,
+            self.remote = RemoteTier(remote_url, block_size=self.disk.block_size, ttl=remote_ttl,
                                      timeout_ms=remote_timeout_ms)
-        self.min_promote_tokens = bs if min_promote_tokens is None else min_promote_tokens
         self._ns_lock = threading.Lock()
         self._ns_by_key: dict[Hashable, Namespace] = {}
         self._files_fp: dict[Hashable, tuple | None] = {}
@@ -305,8 +310,6 @@ class TieredPromptCache:
         sb = salt_bytes(salt)
         hit = self.memory.fetch((model, sb), tokens, limit=limit, handover=self.handover)
         mem_n = hit.n_tokens if hit else 0
-        # The disk is asked only when it could win: beat memory by min_promote_tokens
-        # (any disk hit counts when memory has nothing).
         plans = []
         cache, n, dt = None, 0, 0.0
         # The disk tier is best effort: an LMDB error, a closed store (server
@@ -314,23 +317,23 @@ class TieredPromptCache:
         # raise into the generation thread, nor lose the memory entry that may
         # already have been handed over above. Any failure is a disk miss.
         try:
-            if (
-                self.disk is not None
-                and not self._closed
-                and (mem_n == 0 or limit - mem_n >= max(1, self.min_promote_tokens))
-            ):
+            if self.disk is not None and not self._closed and limit > mem_n:
                 for ns in self._namespaces(model):
                     plan = self.disk.longest_prefix(ns, tokens, salt=sb, limit=limit)
                     if plan.n_tokens:
                         plans.append(plan)
-            disk_best = max((p.n_tokens for p in plans), default=0)
-            remote = self._remote_lookup(model, tokens, sb, limit, max(mem_n, disk_best), plans)
+            best = max(plans, key=lambda p: p.n_tokens, default=None)
+            local_best = max(mem_n, best.n_tokens if best is not None else 0)
+            remote = self._remote_lookup(model, tokens, sb, limit, local_best, plans)
             if remote is not None:
                 return self._serve_remote(model, sb, tokens, hit, remote, info)
-            if disk_best > mem_n and (mem_n == 0 or disk_best - mem_n >= self.min_promote_tokens):
+            best_bytes = sum(r.nbytes for r in best.records) if best is not None else 0
+            if best is not None and self.cost_model.prefer_disk(mem_n, best.n_tokens, best_bytes):
                 t0 = time.perf_counter()
                 cache, n = self._restore(plans, tokens, sb, limit)
                 dt = time.perf_counter() - t0
+                if n == best.n_tokens:  # a fallback after a bad file read other files
+                    self.cost_model.observe_restore(best_bytes, dt)
         except Exception as e:
             log.warning("disk lookup failed (serving from memory): %s", e)
             cache, n = None, 0
@@ -353,11 +356,12 @@ class TieredPromptCache:
     # --- remote tier hooks ----------------------------------------------------------------
 
     def _remote_lookup(self, model, tokens, salt, limit, local_best, plans):
-        """A remote hit beating the local tiers by ``min_promote_tokens``, restored,
-        as ``(namespace, cache, hit, seconds)``; None otherwise (never raises)."""
+        """A remote hit beating the local tiers by a block (less isn't worth the
+        network), restored, as ``(namespace, cache, hit, seconds)``; None otherwise
+        (never raises)."""
         if self.remote is None or self._closed:
             return None
-        floor = local_best + (max(1, self.min_promote_tokens) if local_best else 1)
+        floor = local_best + (self.remote.block_size if local_best else 1)
         if limit < floor:
             return None
         for ns in self._namespaces(model):
@@ -391,6 +395,14 @@ class TieredPromptCache:
         self.counters["promotions"] += 1
         self.counters["restore_seconds"] += dt
         return cache, list(tokens[n:])
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        """Report a prefill of ``tokens`` tokens that took ``seconds``.
+
+        Keeps the cost model's prefill rate (which weighs a longer disk prefix
+        against computing the tokens memory lacks) true to the model and machine.
+        """
+        self.cost_model.observe_prefill(tokens, seconds)
 
     def _restore(self, plans, tokens, salt, limit):
         """Restores the longest plan; a bad file makes the store fall back itself."""
@@ -504,7 +516,8 @@ class TieredPromptCache:
             "memory": {
                 "entries": len(self.memory),
                 "bytes": self.memory.nbytes,
-                "budget_bytes": self.memory.max_bytes,
+                # 1 << 63 (mlx-lm's default) means no budget: say so, not a 19-digit number.
+                "budget_bytes": self.memory.max_bytes if self.memory.max_bytes < UNLIMITED_BYTES else None,
                 "hits": m["hits"],
                 "hit_tokens": m["hit_tokens"],
                 "evictions": m["evictions"],
@@ -530,6 +543,7 @@ class TieredPromptCache:
                 "evictions": d["evicted_records"],
                 "corrupt_records": d["corrupt_records"],
                 "restore_seconds": self.counters["restore_seconds"],
+                "cost_model": self.cost_model.snapshot(),
             }
             out["writer"] = {
                 "queue_bytes": self.writer.queue_bytes,
@@ -616,10 +630,14 @@ class TieredPromptCache:
                         # tokens would serve KV of other tokens. Lookups compare
                         # tokens against the query's hashes; prewarm must too.
                         continue
-                    cache = self.disk.restore(plan_for(self.disk, view, rec))
+                    plan = plan_for(self.disk, view, rec)
+                    t0 = time.perf_counter()
+                    cache = self.disk.restore(plan)
                 except (ValueError, RestoreError):
                     continue
                 mx.eval(list(cache_arrays(cache)))
+                self.cost_model.observe_restore(sum(r.nbytes for r in plan.records),
+                                                time.perf_counter() - t0)
                 nbytes = sum(c.nbytes for c in cache)
                 if done + nbytes > budget or self.memory.nbytes + nbytes > self.memory.max_bytes:
                     continue
