@@ -396,9 +396,10 @@ class Engine:
                 "cached_tokens": cached,
                 "memory_tokens": memory,
                 "disk_tokens": disk,
-                "remote_tokens": remote,
             },
         }
+        if getattr(self.cache, "remote", None) is not None:  # only with a remote tier
+            usage["prompt_tokens_details"]["remote_tokens"] = remote
         emit(("start", usage))
 
         if p.seed is not None:
