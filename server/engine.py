@@ -365,29 +365,26 @@ class Engine:
         )
         from mlx_lm.sample_utils import make_sampler
 
+        from tiercache import FetchResult
+
         tokens = list(p.tokens)
         t_start = time.perf_counter()
         try:
-            prompt_cache, rest = self.cache.fetch_nearest_cache(
-                self.model_key, tokens, salt=p.salt)
-            info = getattr(self.cache, "last_fetch", None)
+            found = self.cache.fetch(self.model_key, tokens, salt=p.salt)
         except Exception:  # a broken cache must not fail the request: run cold
             logger.exception("prefix lookup failed; computing the prompt from scratch")
-            prompt_cache, rest, info = None, tokens, None
+            found = FetchResult(None, tokens, len(tokens))
         restore_s = time.perf_counter() - t_start
-        rest = list(rest)
-        cached = len(tokens) - len(rest) if prompt_cache is not None else 0
-        disk = int(getattr(info, "disk_tokens", 0) or 0) if info is not None else 0
-        disk = min(disk, cached)
-        remote = int(getattr(info, "remote_tokens", 0) or 0) if info is not None else 0
-        remote = min(remote, cached - disk)
-        memory = cached - disk - remote
+        prompt_cache, rest = found.prompt_cache, list(found.rest)
+        cached = found.cached_tokens if prompt_cache is not None else 0
+        memory, disk = found.memory_tokens, found.disk_tokens
         if prompt_cache is None:
             prompt_cache = make_prompt_cache(self.model)
             rest = tokens
         t_fetched, n_prefill = time.perf_counter(), len(rest)
         if self.metrics is not None:
-            self.metrics.observe_fetch(len(tokens), memory, disk, restore_s, remote=remote)
+            self.metrics.observe_fetch(len(tokens), memory, disk, restore_s,
+                                       remote=found.tokens_by_tier.get("remote", 0))
         usage = {
             "prompt_tokens": len(tokens),
             "completion_tokens": 0,
@@ -396,10 +393,12 @@ class Engine:
                 "cached_tokens": cached,
                 "memory_tokens": memory,
                 "disk_tokens": disk,
+                # Tiers added later (writer-pending, remote) report themselves.
+                **{f"{tier}_tokens": n for tier, n in found.tokens_by_tier.items()},
             },
         }
-        if getattr(self.cache, "remote", None) is not None:  # only with a remote tier
-            usage["prompt_tokens_details"]["remote_tokens"] = remote
+        if getattr(self.cache, "remote", None) is not None:  # always shown with a remote tier
+            usage["prompt_tokens_details"].setdefault("remote_tokens", 0)
         emit(("start", usage))
 
         if p.seed is not None:
@@ -480,14 +479,13 @@ class Engine:
             self.metrics.recent.add(request_summary(p.api, usage, ttft, prefill_s, decode_tps,
                                                     finish))
         logger.info(
-            "request %s: prompt=%d cached=%d (memory=%d disk=%d remote=%d) prefill=%.3fs ttft=%s "
+            "request %s: prompt=%d cached=%d (memory=%d disk=%d) prefill=%.3fs ttft=%s "
             "decode=%.1f tok/s completion=%d finish=%s",
             p.request_id,
             len(tokens),
             cached,
             memory,
             disk,
-            remote,
             prefill_s,
             f"{ttft:.3f}s" if ttft is not None else "-",
             decode_tps,
@@ -508,10 +506,12 @@ class Engine:
             The tokens still to feed (the last prompt token).
         """
         try:
+            from tiercache.store.layout import DEFAULT_BLOCK_SIZE
             from tiercache.tiers.checkpoints import CheckpointPolicy, prefill_with_checkpoints
         except ImportError:
             return rest
-        policy = CheckpointPolicy(min_tokens=self.cfg.block_size)
+        # parse_config resolves the block size; a ServerConfig built in code may leave it None.
+        policy = CheckpointPolicy(min_tokens=self.cfg.block_size or DEFAULT_BLOCK_SIZE)
         stops = policy.stops(prompt_len=len(tokens), user_start=p.user_start,
                              trimmable=False, cached=cached)
         # The end of the prefill (all but the last prompt token) is also worth a

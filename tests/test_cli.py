@@ -554,3 +554,44 @@ def test_symlinked_index_is_refused(filled, tmp_path):
     link.mkdir()
     (link / "index.lmdb").symlink_to(d / "index.lmdb")
     assert "symlink" in one_line_error(run("stats", link, ok=False))
+
+
+def test_warm_renders_multipart_messages_like_the_server(tmp_path, tiny_llama_path, tiny_llama):
+    # The server joins text parts of a message's content before the chat template;
+    # warm handed the list to the template as is, so its tokens never matched a request.
+    from tiercache.server.config import ServerConfig as Cfg
+    from tiercache.server.engine import Engine
+
+    model, tok = tiny_llama
+    msgs = [{"role": "system", "content": [{"type": "text", "text": "You are "},
+                                           {"type": "text", "text": "terse and kind."}]},
+            {"role": "user", "content": [{"type": "text", "text": "Name three rivers."}]}]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"messages": msgs}) + "\n")
+    d = tmp_path / "store"
+    r = CliRunner().invoke(main, ["warm", str(d), "--model", str(tiny_llama_path),
+                                 "--prompts", str(prompts), "--block-size", "16"])
+    assert r.exit_code == 0, r.output
+    engine = Engine(Cfg())
+    engine.tokenizer = tok
+    server_tokens = engine.chat_tokens(
+        [{"role": m["role"], "content": "".join(p["text"] for p in m["content"])} for m in msgs])
+    with DiskStore(d) as store:
+        ns = model_namespace(store, str(tiny_llama_path), model)
+        plan = store.longest_prefix(ns, server_tokens, limit=len(server_tokens) - 1)
+        assert plan.n_tokens == len(server_tokens) - 1
+
+
+@pytest.mark.parametrize("line", [
+    {"messages": [{"role": "wizard", "content": "hi"}]},
+    {"messages": ["hi"]},
+    {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+])
+def test_warm_bad_messages_are_one_line_errors(tmp_path, tiny_llama_path, line):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps(line) + "\n")
+    r = CliRunner().invoke(main, ["warm", str(tmp_path / "s"), "--model", str(tiny_llama_path),
+                                 "--prompts", str(prompts)])
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output and "internal error" not in r.output, r.output
+    assert "p.jsonl:1" in r.output

@@ -10,9 +10,8 @@ import time
 import pytest
 from conftest import random_tokens
 from fastapi.testclient import TestClient
-from mlx_lm.models.cache import make_prompt_cache
 
-from mlx_helpers import cold_greedy, greedy_continue, prefill
+from mlx_helpers import cold_greedy, greedy_continue, prefilled_cache
 from tiercache import TieredPromptCache
 from tiercache.server.app import create_app
 from tiercache.server.config import ServerConfig
@@ -74,12 +73,6 @@ def test_running_rate_weighs_seconds_and_forgets_old_evidence():
         / (SEED_SECONDS * math.exp(-2) + 2 * HORIZON_SECONDS))
 
 
-def _snap(model, tokens):
-    cache = make_prompt_cache(model)
-    prefill(model, tokens, cache)
-    return cache
-
-
 @pytest.mark.parametrize("direction", ["disk", "memory"])
 def test_tiered_cache_follows_the_cost_model(tiny_llama, tiny_llama_path, tmp_path, direction):
     # Memory holds 1 token of the query, disk 9 (the prompt of an earlier run).
@@ -88,10 +81,10 @@ def test_tiered_cache_follows_the_cost_model(tiny_llama, tiny_llama_path, tmp_pa
     query = random_tokens(10, seed=3)
     other = query[:1] + random_tokens(6, seed=4)
     with TieredPromptCache(disk_dir=tmp_path / "store", block_size=B) as tc:
-        tc.insert_cache(key, query[:9], _snap(model, query[:9]))
+        tc.insert_cache(key, query[:9], prefilled_cache(model, query[:9]))
         assert tc.flush(30)
     with TieredPromptCache(disk_dir=tmp_path / "store", block_size=B) as tc:
-        tc.insert_cache(key, other, _snap(model, other))
+        tc.insert_cache(key, other, prefilled_cache(model, other))
         plan = tc.disk.longest_prefix(next(iter(tc.disk.namespaces())), query, limit=9)
         read = sum(r.nbytes for r in plan.records)
         assert plan.n_tokens == 9 and read > 0
@@ -102,8 +95,8 @@ def test_tiered_cache_follows_the_cost_model(tiny_llama, tiny_llama_path, tmp_pa
             # Reading takes read/1e3 s (seconds); 8 tokens at 10^6/s take 8 us.
             tc.cost_model.set_rates(disk_bytes_per_second=1e3, prefill_tokens_per_second=1e6)
         disk_before = tc.cost_model.disk_bytes_per_second
-        cache, rem = tc.fetch_nearest_cache(key, query)
-        info = tc.last_fetch
+        info = tc.fetch(key, query)
+        cache, rem = info.prompt_cache, info.rest
         if direction == "disk":
             assert (info.source, info.disk_tokens, info.memory_tokens) == ("disk", 9, 0)
             assert tc.stats()["disk"]["promotions"] == 1

@@ -18,7 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 import websocket
-from server_helpers import ROOT, free_port, start_server, wait_for
+from server_helpers import wait_for
+
+from tiercache.tools.server_process import ROOT, free_port, start_server
 
 pytestmark = pytest.mark.slow
 

@@ -53,8 +53,9 @@ def test_hit_across_caches_is_exact_and_copied_to_local_disk(tiny_llama, tiny_ll
     assert len(_keys(redis_server.client())) == 6
 
     query = prompt + random_tokens(7, seed=2)
-    cache, rest = b.fetch_nearest_cache(key, query)
-    assert b.last_fetch.source == "remote" and b.last_fetch.remote_tokens == 45
+    found = b.fetch(key, query)
+    cache, rest = found.prompt_cache, found.rest
+    assert found.source == "remote" and found.remote_tokens == 45
     assert rest == query[45:]
     assert greedy_continue(model, cache, rest, GEN) == cold_greedy(model, query, GEN)
     st = b.stats()["remote"]
@@ -66,8 +67,9 @@ def test_hit_across_caches_is_exact_and_copied_to_local_disk(tiny_llama, tiny_ll
     b.close()
     local = TieredPromptCache(disk_dir=tmp_path / "b", block_size=B)
     local.register_model(key, tiny_llama_path, model)
-    cache, rest = local.fetch_nearest_cache(key, query)
-    assert local.last_fetch.source == "disk" and local.last_fetch.disk_tokens == 45
+    found = local.fetch(key, query)
+    cache, rest = found.prompt_cache, found.rest
+    assert found.source == "disk" and found.disk_tokens == 45
     assert greedy_continue(model, cache, rest, GEN) == cold_greedy(model, query, GEN)
     local.close()
     a.close()
@@ -85,8 +87,9 @@ def test_local_blocks_are_not_fetched_again(tiny_llama, tiny_llama_path, tmp_pat
     longer = system + random_tokens(30, seed=4)
     _insert(a, key, model, longer)
     query = longer + random_tokens(5, seed=5)
-    cache, rest = b.fetch_nearest_cache(key, query)
-    assert b.last_fetch.remote_tokens == len(longer)
+    found = b.fetch(key, query)
+    cache, rest = found.prompt_cache, found.rest
+    assert found.remote_tokens == len(longer)
     assert greedy_continue(model, cache, rest, GEN) == cold_greedy(model, query, GEN)
     # Only what b lacked came over the network: 3 blocks and the tail, not 7 + 1.
     records = b.stats()["remote"]
@@ -105,8 +108,9 @@ def test_checkpoint_hit_on_hybrid_model(tiny_hybrid, tiny_hybrid_path, tmp_path,
     prompt = random_tokens(60, seed=6)
     p = 37  # a checkpoint mid-block (4 blocks + 5 tokens)
     _insert(a, key, model, prompt[:p])
-    cache, rest = b.fetch_nearest_cache(key, prompt)
-    assert b.last_fetch.remote_tokens == p and rest == prompt[p:]
+    found = b.fetch(key, prompt)
+    cache, rest = found.prompt_cache, found.rest
+    assert found.remote_tokens == p and rest == prompt[p:]
     # Exact against a cold run split at the same position (chunk-boundary rule).
     ref = make_prompt_cache(model)
     prefill(model, prompt[:p], ref)
@@ -152,9 +156,10 @@ def test_poisoned_entry_is_a_counted_miss(mutate, tiny_llama, tiny_llama_path, t
     _insert(a, key, model, prompt)
     _poison(redis_server.client(), mutate)
     query = prompt + [5, 6, 7]
-    cache, rest = b.fetch_nearest_cache(key, query)
+    found = b.fetch(key, query)
+    cache, rest = found.prompt_cache, found.rest
     assert cache is None and rest == query
-    assert b.last_fetch.remote_tokens == 0
+    assert found.remote_tokens == 0
     st = b.stats()["remote"]
     assert st["rejected"] >= 1 and st["hits"] == 0 and st["misses"] == 1
     # Nothing poisoned reached b's disk.
@@ -177,8 +182,9 @@ def test_redis_killed_stopped_and_restarted(tiny_llama, tiny_llama_path, tmp_pat
     os.kill(redis_server.proc.pid, signal.SIGSTOP)
     try:
         query = first + random_tokens(12, seed=12)  # long enough to ask the remote
-        cache, rest = b.fetch_nearest_cache(key, query)
-        assert b.last_fetch.source in ("memory", "disk") and b.last_fetch.cached_tokens == 30
+        found = b.fetch(key, query)
+        cache, rest = found.prompt_cache, found.rest
+        assert found.source in ("memory", "disk") and found.cached_tokens == 30
         assert greedy_continue(model, cache, rest, GEN) == cold_greedy(model, query, GEN)
         assert b.stats()["remote"]["timeouts"] >= 1
     finally:
@@ -189,7 +195,8 @@ def test_redis_killed_stopped_and_restarted(tiny_llama, tiny_llama_path, tmp_pat
     other = random_tokens(30, seed=9)
     for i in range(5):
         q = other + [i + 3]
-        cache, rest = b.fetch_nearest_cache(key, q)
+        found = b.fetch(key, q)
+        cache, rest = found.prompt_cache, found.rest
         assert cache is None and rest == q
     st = b.stats()["remote"]
     assert st["errors"] >= 3 and st["breaker"] in ("open", "half_open") and st["breaker_opened"] >= 1
@@ -208,8 +215,8 @@ def test_redis_killed_stopped_and_restarted(tiny_llama, tiny_llama_path, tmp_pat
     wait_for(pushed, timeout=60, interval=0.3)
 
     def remote_hit():
-        b.fetch_nearest_cache(key, third + [1, 2])
-        return b.last_fetch.remote_tokens >= 24
+        found = b.fetch(key, third + [1, 2])
+        return found.remote_tokens >= 24
 
     wait_for(remote_hit, timeout=60, interval=0.3)
     assert b.stats()["remote"]["breaker"] == "closed"
@@ -228,20 +235,20 @@ def test_salt_and_namespace_isolation(tiny_llama, tiny_llama_path, tiny_sliding,
     prompt = random_tokens(30, seed=11)
     _insert(a, key, model, prompt, salt="tenant-1")
     query = prompt + [3, 4]
-    b.fetch_nearest_cache(key, query, salt="tenant-2")
-    assert b.last_fetch.cached_tokens == 0
-    b.fetch_nearest_cache(key, query)
-    assert b.last_fetch.cached_tokens == 0
-    b.fetch_nearest_cache(key, query, salt="tenant-1")
-    assert b.last_fetch.remote_tokens == 30
+    found = b.fetch(key, query, salt="tenant-2")
+    assert found.cached_tokens == 0
+    found = b.fetch(key, query)
+    assert found.cached_tokens == 0
+    found = b.fetch(key, query, salt="tenant-1")
+    assert found.remote_tokens == 30
 
     # Another model on the same Redis: its own keys, never the llama's.
     smodel, _ = tiny_sliding
     skey = str(tiny_sliding_path)
     c = _tc(tmp_path, "c", redis_server.url)
     c.register_model(skey, tiny_sliding_path, smodel)
-    c.fetch_nearest_cache(skey, query, salt="tenant-1")
-    assert c.last_fetch.cached_tokens == 0
+    found = c.fetch(skey, query, salt="tenant-1")
+    assert found.cached_tokens == 0
     prefix = record_key(a._ns_by_key[key], b"")
     assert all(k.decode().startswith(prefix) for k in _keys(redis_server.client()))
     for tc in (a, b, c):

@@ -201,24 +201,24 @@ def test_cli_stats_remote(redis_server):
 def test_dropin_flags(capsys):
     from tiercache.server import mlx_lm_dropin as D
 
-    opts, rest = D.build_parser().parse_known_args(
+    opts, rest = D.parse_options(
         ["--disk-dir", "/tmp/x", "--remote-url", "rediss://h:6380/0", "--remote-ttl", "30",
-         "--remote-timeout-ms", "5", "--model", "m"])
+         "--remote-timeout-ms", "5", "--model", "m"], environ={})
     assert (opts.remote_url, opts.remote_ttl, opts.remote_timeout_ms) == ("rediss://h:6380/0", 30, 5.0)
     assert rest == ["--model", "m"]
     with pytest.raises(SystemExit) as exc:
         D.main(["--remote-url", "redis://h:1/0"], hard_exit=False)
     assert exc.value.code == 2 and "--remote-url needs --disk-dir" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        D.build_parser().parse_known_args(["--remote-url", "ftp://h"])
+        D.parse_options(["--disk-dir", "/tmp/x", "--remote-url", "ftp://h"], environ={})
 
 
 def test_dropin_cache_gets_the_remote_tier(tmp_path, redis_server, monkeypatch):
     from tiercache.server import mlx_lm_dropin as D
 
-    opts, _ = D.build_parser().parse_known_args(
-        ["--disk-dir", str(tmp_path / "d"), "--remote-url", redis_server.url, "--remote-ttl", "30"])
-    opts.prompt_cache_bytes = None
+    opts, _ = D.parse_options(
+        ["--disk-dir", str(tmp_path / "d"), "--remote-url", redis_server.url, "--remote-ttl", "30"],
+        environ={})
     monkeypatch.setitem(D._state, "opts", opts)
     cache = D._make_cache(4)
     try:

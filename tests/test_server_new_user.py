@@ -10,7 +10,7 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
-from server_helpers import ROOT, _env, start_server
+from tiercache.tools.server_process import ROOT, start_server, subprocess_env
 
 from tiercache.server.app import create_app
 from tiercache.server.config import ServerConfig, parse_config
@@ -25,7 +25,7 @@ def test_busy_port_is_one_line_and_exit_2_before_any_model_load(tiny_llama_path)
         proc = subprocess.run(
             [sys.executable, "-m", "tiercache.server.cli", "--host", "127.0.0.1",
              "--port", str(port), "--model", str(tiny_llama_path)],
-            cwd=str(ROOT), env=_env(), capture_output=True, text=True, timeout=120)
+            cwd=str(ROOT), env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr

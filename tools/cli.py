@@ -23,30 +23,19 @@ from typing import Any
 
 import click
 
+from tiercache.errors import TiercacheError
+from tiercache.tools.options import SIZE, CliError, setting_option
 from tiercache.tools.prompts import prompt_tokens, read_prompts
 from tiercache.tools.render import console, emit, human_size, human_time, iso, print_table, short
 
 EXIT_PROBLEMS = 1
-EXIT_ERROR = 2
-
-
-class CliError(click.ClickException):
-    """One-line error, exit code 2."""
-
-    exit_code = EXIT_ERROR
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()) or "error")
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    """Return the errors a command reports as one line: ours, bad arguments, I/O."""
     import lmdb
 
-    from tiercache.store.blockfile import BlockFileError
-    from tiercache.store.disk import RestoreError, StoreError
-    from tiercache.store.index import IndexError_
-
-    return (StoreError, IndexError_, BlockFileError, RestoreError, ValueError, lmdb.Error, OSError, KeyError)
+    return (TiercacheError, ValueError, lmdb.Error, OSError, KeyError)
 
 
 class _Group(click.Group):
@@ -70,16 +59,6 @@ class _Group(click.Group):
 # --- parsing --------------------------------------------------------------------------------
 
 
-def parse_size(text: str) -> int:
-    """Bytes from a size like ``512MiB``, ``2GB``, ``1.5 GiB`` or ``1000`` (pydantic ByteSize)."""
-    from pydantic import ByteSize, TypeAdapter, ValidationError
-
-    try:
-        return int(TypeAdapter(ByteSize).validate_python(str(text).strip()))
-    except ValidationError:
-        raise CliError(f"bad size {text!r}: use e.g. 512MiB, 2GB or a number of bytes") from None
-
-
 _UNIT = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -97,15 +76,6 @@ def parse_duration(text: str) -> float:
     return total
 
 
-class SizeType(click.ParamType):
-    name = "SIZE"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, int):
-            return value
-        return parse_size(value)  # a bad size is one clean line, not a usage dump
-
-
 class DurationType(click.ParamType):
     name = "DURATION"
 
@@ -115,7 +85,6 @@ class DurationType(click.ParamType):
         return parse_duration(value)
 
 
-SIZE = SizeType()
 DURATION = DurationType()
 
 
@@ -561,8 +530,7 @@ def export_cmd(ctx, dir, id, out, table):
 @click.option("--tokens", default=None, metavar="JSON",
               help="Token ids the cache holds: a JSON list, or a file holding one "
                    "(default: the ids recorded by `tiercache export`).")
-@click.option("--block-size", type=click.IntRange(min=1), default=None,
-              help="Block size when DIR is a new store (default 256).")
+@setting_option("block_size")
 @table_option
 @click.pass_context
 def import_cmd(ctx, dir, file, model, tokens, block_size, table):
@@ -595,11 +563,9 @@ def import_cmd(ctx, dir, file, model, tokens, block_size, table):
               help="The local mlx-lm model folder to prefill with.")
 @click.option("--prompts", required=True, type=click.Path(dir_okay=False, path_type=str),
               help='JSONL: {"messages": [...]} (chat template applied), {"text": "..."} or plain strings.')
-@click.option("--prefill-step-size", type=click.IntRange(min=1), default=2048, show_default=True,
-              help="Tokens per prefill step; use the server's value so hybrid models hit exactly.")
-@click.option("--block-size", type=click.IntRange(min=1), default=None,
-              help="Block size when DIR is a new store (default 256).")
-@click.option("--disk-bytes", type=SIZE, default=None, metavar="SIZE", help="Disk budget to keep while warming.")
+@setting_option("prefill_step_size")  # the server's variable too, so hybrid models hit exactly
+@setting_option("block_size")
+@setting_option("disk_bytes")
 @table_option
 @click.pass_context
 def warm(ctx, dir, model_path, prompts, prefill_step_size, block_size, disk_bytes, table):

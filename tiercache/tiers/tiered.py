@@ -25,11 +25,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Hashable, Sequence
 
 import mlx.core as mx
 
+from ..settings import WRITE_POLICIES
 from ..store import layers as L
 from ..store.disk import DiskStore
 from ..store.restore import RestoreError
@@ -43,42 +44,66 @@ from .writer import BackgroundWriter, WriteJob
 
 log = logging.getLogger("tiercache")
 
-WRITE_POLICIES = ("through", "back")
 UNLIMITED_BYTES = 1 << 63
 """A memory budget this large (mlx-lm's default) is no budget."""
 
+TIER_MEMORY = "memory"
+TIER_DISK = "disk"
+TIER_REMOTE = "remote"
 
-@dataclass
-class FetchInfo:
-    """Where the tokens of the last :meth:`TieredPromptCache.fetch_nearest_cache` came from.
+
+@dataclass(frozen=True)
+class FetchResult:
+    """What one lookup found, and where its tokens came from.
+
+    New tiers (a writer-pending tier, a remote tier) report their own counts
+    under their own name in ``tokens_by_tier``; callers that read the
+    convenience properties keep working.
 
     Attributes:
-        query_tokens: length of the query.
-        memory_tokens: tokens served from the memory tier.
-        disk_tokens: tokens restored from disk (then promoted into memory).
-        remote_tokens: tokens restored from the remote tier (some blocks may
-            have come from local disk; the hit counts as remote).
-        restore_seconds: time spent restoring from disk or the remote.
+        prompt_cache: The cached prefix's KV snapshot (the caller's to extend),
+            or ``None`` on a miss.
+        rest: The tokens still to compute. Never empty for a non-empty query:
+            an exact hit gives back the last token (mlx-lm #1215).
+        query_tokens: Length of the query.
+        tokens_by_tier: Tokens served, keyed by tier name (``"memory"``,
+            ``"disk"``, ...); empty on a miss.
+        restore_seconds: Time spent restoring from a lower tier.
     """
 
+    prompt_cache: list | None
+    rest: list[int]
     query_tokens: int = 0
-    memory_tokens: int = 0
-    disk_tokens: int = 0
+    tokens_by_tier: dict[str, int] = field(default_factory=dict)
     restore_seconds: float = 0.0
     remote_tokens: int = 0
 
     @property
     def cached_tokens(self) -> int:
-        return self.memory_tokens + self.disk_tokens + self.remote_tokens
+        """Return the number of tokens served from any tier."""
+        return sum(self.tokens_by_tier.values())
+
+    @property
+    def memory_tokens(self) -> int:
+        """Return the number of tokens served from the memory tier."""
+        return self.tokens_by_tier.get(TIER_MEMORY, 0)
+
+    @property
+    def disk_tokens(self) -> int:
+        """Return the number of tokens restored from the disk tier."""
+        return self.tokens_by_tier.get(TIER_DISK, 0)
+
+    @property
+    def remote_tokens(self) -> int:
+        """Return the number of tokens restored from the remote tier (some of its
+        blocks may have been read from local disk; the hit counts as remote)."""
+        return self.tokens_by_tier.get(TIER_REMOTE, 0)
 
     @property
     def source(self) -> str:
-        """``"memory"``, ``"disk"``, ``"remote"`` or ``"none"``."""
-        if self.remote_tokens:
-            return "remote"
-        if self.disk_tokens:
-            return "disk"
-        return "memory" if self.memory_tokens else "none"
+        """Return the tier that served the most tokens, or ``"none"`` on a miss."""
+        served = [(n, tier) for tier, n in self.tokens_by_tier.items() if n]
+        return max(served)[1] if served else "none"
 
 
 def _chain_ids_match(chain, root, ns, block_size: int) -> bool:
@@ -191,7 +216,6 @@ class TieredPromptCache:
         self._ns_lock = threading.Lock()
         self._ns_by_key: dict[Hashable, Namespace] = {}
         self._files_fp: dict[Hashable, tuple | None] = {}
-        self._local = threading.local()
         self.counters = {
             "queries": 0,
             "query_tokens": 0,
@@ -243,6 +267,32 @@ class TieredPromptCache:
             self._prewarm_thread.start()
         return ns
 
+    def namespace_of(self, key: Hashable) -> Namespace | None:
+        """Return the disk namespace ``key`` is bound to, or ``None`` if not bound yet.
+
+        A key is bound by :meth:`register_model`, or by its first insert when the
+        key names a local model folder.
+        """
+        with self._ns_lock:
+            return self._ns_by_key.get(key)
+
+    def wait_prewarmed(self, timeout: float | None = None) -> bool:
+        """Wait until prewarming (started by :meth:`register_model`) has finished.
+
+        Args:
+            timeout: Most seconds to wait; ``None`` waits as long as it takes.
+
+        Returns:
+            True if no prewarm is running (finished, or none was started);
+            False if it is still running after ``timeout``.
+        """
+        with self._ns_lock:
+            thread = self._prewarm_thread
+        if thread is None:
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
+
     def _files(self, key: Hashable):
         if key not in self._files_fp:
             self._files_fp[key] = key_fingerprint(key, self.disk.file_digest)
@@ -284,28 +334,37 @@ class TieredPromptCache:
 
     # --- the LRUPromptCache interface ---------------------------------------------------
 
-    @property
-    def last_fetch(self) -> FetchInfo:
-        """Where the calling thread's last fetch got its tokens."""
-        return getattr(self._local, "info", FetchInfo())
-
     def fetch_nearest_cache(
         self, model: Hashable, tokens: Sequence[int], *, salt: str | bytes | None = None
-    ):
-        """Best cached prefix of ``tokens`` across both tiers.
+    ) -> tuple[list | None, list[int]]:
+        """Return the best cached prefix of ``tokens``, as mlx-lm's ``LRUPromptCache`` does.
+
+        A thin adapter over :meth:`fetch` for code written against mlx-lm.
 
         Returns:
-            ``(cache or None, remaining tokens)``. The remainder is never empty: an
-            exact hit gives back the last token (mlx-lm #1215). The cache belongs to
-            the caller. :attr:`last_fetch` says where the tokens came from.
+            ``(cache or None, remaining tokens)``; see :class:`FetchResult`.
+        """
+        result = self.fetch(model, tokens, salt=salt)
+        return result.prompt_cache, result.rest
+
+    def fetch(
+        self, model: Hashable, tokens: Sequence[int], salt: str | bytes | None = None
+    ) -> FetchResult:
+        """Look up the longest cached prefix of ``tokens`` across the tiers.
+
+        Args:
+            model: The cache key the snapshots were inserted under.
+            tokens: The query.
+            salt: Isolation salt; only snapshots inserted with the same salt match.
+
+        Returns:
+            A :class:`FetchResult`; its cache belongs to the caller.
         """
         tokens = tokens if type(tokens) is tuple else tuple(tokens)  # converted once
-        info = FetchInfo(query_tokens=len(tokens))
-        self._local.info = info
         self.counters["queries"] += 1
         self.counters["query_tokens"] += len(tokens)
         if not tokens:
-            return None, []
+            return FetchResult(None, [])
         limit = len(tokens) - 1
         sb = salt_bytes(salt)
         hit = self.memory.fetch((model, sb), tokens, limit=limit, handover=self.handover)
@@ -326,7 +385,7 @@ class TieredPromptCache:
             local_best = max(mem_n, best.n_tokens if best is not None else 0)
             remote = self._remote_lookup(model, tokens, sb, limit, local_best, plans)
             if remote is not None:
-                return self._serve_remote(model, sb, tokens, hit, remote, info)
+                return self._serve_remote(model, sb, tokens, hit, remote)
             best_bytes = sum(r.nbytes for r in best.records) if best is not None else 0
             if best is not None and self.cost_model.prefer_disk(mem_n, best.n_tokens, best_bytes):
                 t0 = time.perf_counter()
@@ -342,16 +401,14 @@ class TieredPromptCache:
                 self._give_back(model, sb, tokens, hit)
             if self.keep_promoted:
                 self.memory.insert((model, sb), tokens[:n], cache, cache_type="user")
-            info.disk_tokens, info.restore_seconds = n, dt
             self.counters["disk_hits"] += 1
             self.counters["disk_hit_tokens"] += n
             self.counters["promotions"] += 1
             self.counters["restore_seconds"] += dt
-            return cache, list(tokens[n:])
+            return FetchResult(cache, list(tokens[n:]), len(tokens), {TIER_DISK: n}, dt)
         if hit is None:
-            return None, list(tokens)
-        info.memory_tokens = mem_n
-        return hit.prompt_cache, list(tokens[mem_n:])
+            return FetchResult(None, list(tokens), len(tokens))
+        return FetchResult(hit.prompt_cache, list(tokens[mem_n:]), len(tokens), {TIER_MEMORY: mem_n})
 
     # --- remote tier hooks ----------------------------------------------------------------
 
@@ -381,7 +438,7 @@ class TieredPromptCache:
             return ns, cache, found, time.perf_counter() - t0
         return None
 
-    def _serve_remote(self, model, salt, tokens, hit, remote, info):
+    def _serve_remote(self, model, salt, tokens, hit, remote) -> FetchResult:
         """Hands a remote hit to the caller; its records go to local disk via the writer."""
         ns, cache, found, dt = remote
         n = found.n_tokens
@@ -391,10 +448,9 @@ class TieredPromptCache:
             self.memory.insert((model, salt), tokens[:n], cache, cache_type="user")
         items = found.remote_items()
         self.writer.submit(WriteJob(ns, (), RemoteRecords(items), salt, sum(len(b) for _, b in items)))
-        info.remote_tokens, info.restore_seconds = n, dt
         self.counters["promotions"] += 1
         self.counters["restore_seconds"] += dt
-        return cache, list(tokens[n:])
+        return FetchResult(cache, list(tokens[n:]), len(tokens), {TIER_REMOTE: n}, dt)
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         """Report a prefill of ``tokens`` tokens that took ``seconds``.

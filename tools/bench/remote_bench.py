@@ -227,8 +227,9 @@ def _bandwidth(model_path: Path, work: Path, n_tokens: int, block: int, rounds: 
             dst = TieredPromptCache(disk_dir=work / f"bw-dst{r}", block_size=block, remote_url=redis_srv.url,
                                     remote_timeout_ms=5000, keep_promoted=False)
             dst.register_model(key, model_path, model)
-            cache, _ = dst.fetch_nearest_cache(key, query)
-            info, st = dst.last_fetch, dst.stats()["remote"]
+            found = dst.fetch(key, query)
+            cache, _ = found.prompt_cache, found.rest
+            info, st = found, dst.stats()["remote"]
             assert info.remote_tokens == n_tokens, info
             out["remote"].append({"seconds": info.restore_seconds, "bytes": st["restored_bytes"],
                                   "network_seconds": st["round_trip_seconds"],
@@ -238,10 +239,11 @@ def _bandwidth(model_path: Path, work: Path, n_tokens: int, block: int, rounds: 
             dst.close()
             local = TieredPromptCache(disk_dir=work / f"bw-dst{r}", block_size=block, keep_promoted=False)
             local.register_model(key, model_path, model)
-            local.fetch_nearest_cache(key, query)  # first read faults the files into the page cache
-            cache, _ = local.fetch_nearest_cache(key, query)
-            assert local.last_fetch.disk_tokens == n_tokens, local.last_fetch
-            out["disk"].append({"seconds": local.last_fetch.restore_seconds,
+            found = local.fetch(key, query)  # first read faults the files into the page cache
+            found = local.fetch(key, query)
+            cache, _ = found.prompt_cache, found.rest
+            assert found.disk_tokens == n_tokens, found
+            out["disk"].append({"seconds": found.restore_seconds,
                                 "bytes": local.stats()["disk"]["bytes"]})
             del cache
             local.close()
