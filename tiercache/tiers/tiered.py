@@ -76,7 +76,6 @@ class FetchResult:
     query_tokens: int = 0
     tokens_by_tier: dict[str, int] = field(default_factory=dict)
     restore_seconds: float = 0.0
-    remote_tokens: int = 0
 
     @property
     def cached_tokens(self) -> int:
