@@ -9,10 +9,11 @@ import httpx
 import pytest
 from conftest import random_tokens
 from redis_helpers import MISSING, REDIS_BIN, RedisServer
-from server_helpers import start_server, wait_for
+from server_helpers import wait_for
 
 from tiercache.remote.codec import decode, encode, namespace_pattern
 from tiercache.store.index import Record
+from tiercache.tools.server_process import start_server
 
 pytestmark = pytest.mark.slow
 
