@@ -177,6 +177,8 @@ def validate_config(cfg: ServerConfig) -> None:
         cfg.disk_dir = str(path)
     elif cfg.disk_bytes is not None:
         logging.getLogger(__name__).warning("--disk-bytes has no effect without --disk-dir")
+    if cfg.remote_url is not None and cfg.disk_dir is None:
+        raise ConfigError("--remote-url needs --disk-dir (remote hits are kept on local disk)")
     if cfg.block_size is None:
         cfg.block_size = DEFAULT_BLOCK_SIZE  # also the checkpoint spacing without a disk tier
 

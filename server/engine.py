@@ -177,6 +177,9 @@ class Engine:
             write_policy=cfg.write_policy,
             prewarm_bytes=cfg.prewarm_bytes,
             writer_queue_bytes=cfg.writer_queue_bytes,
+            remote_url=cfg.remote_url,
+            remote_ttl=cfg.remote_ttl,
+            remote_timeout_ms=cfg.remote_timeout_ms,
             # Every request re-inserts what it computed, so a disk hit needn't also
             # stay in memory (that copy would make the first decode step copy it all).
             keep_promoted=False,
@@ -196,12 +199,13 @@ class Engine:
             isinstance(c, RotatingKVCache) for c in probe
         )
         logger.info(
-            "loaded model %s in %.2fs (context %s, vocab %s; disk tier %s)%s",
+            "loaded model %s in %.2fs (context %s, vocab %s; disk tier %s; remote tier %s)%s",
             path,
             time.perf_counter() - t0,
             self.context_length,
             self.vocab_size,
             cfg.disk_dir or "off",
+            self.cache.remote.stats()["url"] if self.cache.remote is not None else "off",
             f"; {DEMO_MODEL_NOTE}" if cfg.model is None else "",
         )
 
@@ -379,7 +383,8 @@ class Engine:
             rest = tokens
         t_fetched, n_prefill = time.perf_counter(), len(rest)
         if self.metrics is not None:
-            self.metrics.observe_fetch(len(tokens), memory, disk, restore_s)
+            self.metrics.observe_fetch(len(tokens), memory, disk, restore_s,
+                                       remote=found.tokens_by_tier.get("remote", 0))
         usage = {
             "prompt_tokens": len(tokens),
             "completion_tokens": 0,
@@ -392,6 +397,8 @@ class Engine:
                 **{f"{tier}_tokens": n for tier, n in found.tokens_by_tier.items()},
             },
         }
+        if getattr(self.cache, "remote", None) is not None:  # always shown with a remote tier
+            usage["prompt_tokens_details"].setdefault("remote_tokens", 0)
         emit(("start", usage))
 
         if p.seed is not None:

@@ -38,6 +38,23 @@ _TIER_COUNTERS = {
     "writer_errors": "Disk writes that failed with an error",
     "written": "Snapshots written to disk",
 }
+_REMOTE_COUNTERS = {
+    "lookups": "Remote-tier lookups",
+    "hits": "Remote-tier lookups that restored a prefix",
+    "hit_tokens": "Prompt tokens restored from the remote tier",
+    "misses": "Remote-tier lookups without a usable prefix",
+    "rejected": "Remote records that failed verification (tokens, id, checksum): never served",
+    "errors": "Remote calls that failed (connection, timeout)",
+    "timeouts": "Remote calls that timed out",
+    "bytes_in": "Bytes read from the remote tier",
+    "bytes_out": "Bytes written to the remote tier",
+    "pushed_records": "Records pushed to the remote tier",
+    "dropped_pushes": "Records not pushed (queue full or remote unavailable)",
+    "lookup_seconds": "Seconds spent in remote lookups (divide by lookups for the mean)",
+    "breaker_opened": "Times the remote circuit breaker opened",
+}
+_BREAKER_STATES = ("closed", "open", "half_open")
+
 _TIER_GAUGES = {
     "entries": "Entries held by the tier",
     "bytes": "Bytes held by the tier",
@@ -84,6 +101,27 @@ class _CacheCollector:
                     fam.add_metric([tier], float(tier_stats[key]))
         yield from counters.values()
         yield from gauges.values()
+        remote = stats.get("remote")
+        if isinstance(remote, dict):
+            yield from _remote_families(remote)
+
+
+def _remote_families(remote: dict):
+    """The remote tier's counters, push queue and breaker state."""
+    for key, doc in _REMOTE_COUNTERS.items():
+        if isinstance(remote.get(key), (int, float)):
+            fam = CounterMetricFamily(f"tiercache_remote_{key}", doc)
+            fam.add_metric([], float(remote[key]))
+            yield fam
+    queue = GaugeMetricFamily("tiercache_remote_push_queue_bytes",
+                              "Bytes waiting to be pushed to the remote tier")
+    queue.add_metric([], float(remote.get("push_queue_bytes") or 0))
+    yield queue
+    state = GaugeMetricFamily("tiercache_remote_breaker_state",
+                              "Remote circuit breaker: 1 for the current state", labels=["state"])
+    for name in _BREAKER_STATES:
+        state.add_metric([name], 1.0 if remote.get("breaker") == name else 0.0)
+    yield state
 
 
 class RecentRequests:
@@ -162,7 +200,7 @@ class Metrics:
             ["tier"],
             registry=r,
         )
-        for tier in ("memory", "disk"):
+        for tier in ("memory", "disk", "remote"):
             self.hit_tokens.labels(tier=tier)
         self.requests = Counter(
             "tiercache_requests",
@@ -197,7 +235,8 @@ class Metrics:
         r.register(_CacheCollector(get_stats))
         self.recent = RecentRequests()
 
-    def observe_fetch(self, queried: int, memory: int, disk: int, seconds: float) -> None:
+    def observe_fetch(self, queried: int, memory: int, disk: int, seconds: float,
+                      remote: int = 0) -> None:
         """Record one prefix lookup.
 
         Args:
@@ -205,13 +244,16 @@ class Metrics:
             memory: Tokens served from memory.
             disk: Tokens served from disk.
             seconds: Time the lookup (and restore) took.
+            remote: Tokens restored from the remote tier.
         """
         self.query_tokens.inc(queried)
         if memory:
             self.hit_tokens.labels(tier="memory").inc(memory)
         if disk:
             self.hit_tokens.labels(tier="disk").inc(disk)
-        tier = "disk" if disk else ("memory" if memory else "miss")
+        if remote:
+            self.hit_tokens.labels(tier="remote").inc(remote)
+        tier = "remote" if remote else "disk" if disk else ("memory" if memory else "miss")
         self.restore.labels(tier=tier).observe(seconds)
 
     def render(self) -> bytes:

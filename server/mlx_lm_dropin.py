@@ -28,7 +28,8 @@ _state: dict = {"cache": None, "opts": None}
 # the shared table (--prompt-cache-bytes, --prompt-cache-size, --prefill-step-size)
 # are mlx_lm.server's flags already and pass through to it.
 DROPIN_SETTINGS = pick(("disk_dir", "disk_bytes", "block_size", "write_policy",
-                        "prewarm_bytes", "writer_queue_bytes", "flush_timeout"))
+                        "prewarm_bytes", "writer_queue_bytes", "flush_timeout",
+                        "remote_url", "remote_ttl", "remote_timeout_ms"))
 _PROMPT_CACHE_BYTES = SETTINGS["prompt_cache_bytes"]
 
 
@@ -65,6 +66,8 @@ def parse_options(
     peek = OneLineArgumentParser(prog=parser.prog, add_help=False, allow_abbrev=False)
     add_arguments(peek, [_PROMPT_CACHE_BYTES])
     values.update(parse_known(peek, [_PROMPT_CACHE_BYTES], rest, environ)[0])
+    if values.get("remote_url") and not values.get("disk_dir"):
+        parser.error("--remote-url needs --disk-dir (remote hits are kept on local disk)")
     return argparse.Namespace(**values), rest
 
 
@@ -84,6 +87,9 @@ def _make_cache(max_size: int = 10, max_bytes: int = 1 << 63, **_ignored):
         write_policy=opts.write_policy,
         prewarm_bytes=opts.prewarm_bytes,
         writer_queue_bytes=opts.writer_queue_bytes,
+        remote_url=opts.remote_url,
+        remote_ttl=opts.remote_ttl,
+        remote_timeout_ms=opts.remote_timeout_ms,
     )
     _state["cache"] = cache
     logger.info("tiercache: prompt cache is TieredPromptCache (disk tier: %s)",

@@ -25,6 +25,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import ByteSize, TypeAdapter, ValidationError
 
@@ -32,6 +33,7 @@ from .errors import ConfigError
 
 ENV_PREFIX = "TIERCACHE_"
 WRITE_POLICIES = ("through", "back")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 _BYTESIZE = TypeAdapter(ByteSize)
 _NO_LIMIT = ("none", "unlimited")
 
@@ -207,6 +209,52 @@ def choice(options: Sequence[str], *, upper: bool = False) -> Callable[[Any], st
     return parse
 
 
+def parse_redis_url(text: Any) -> str | None:
+    """Parse a Redis/Valkey URL (``redis://``, ``rediss://``, ``unix://``), or ``none``.
+
+    Raises:
+        ConfigError: For another scheme, or a URL without a host or socket path.
+    """
+    if text is None or str(text).strip().lower() in ("", "none"):
+        return None
+    url = str(text).strip()
+    parts = urlsplit(url)
+    if parts.scheme not in REDIS_SCHEMES:
+        raise ConfigError(f"remote URL must start with redis://, rediss:// or unix://, not {url!r}")
+    if parts.scheme == "unix" and not parts.path:
+        raise ConfigError(f"unix:// remote URL needs a socket path: {url!r}")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError(f"remote URL has no host: {url!r}")
+    return url
+
+
+def parse_non_negative_int(text: Any) -> int:
+    """Parse an integer, 0 or more.
+
+    Raises:
+        ConfigError: Otherwise.
+    """
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise ConfigError(f"bad integer {text!r}") from None
+    if value < 0:
+        raise ConfigError(f"must not be negative, got {text!r}")
+    return value
+
+
+def parse_positive_ms(text: Any) -> float:
+    """Parse a number of milliseconds greater than 0.
+
+    Raises:
+        ConfigError: Otherwise.
+    """
+    value = parse_seconds(text)
+    if value == 0:
+        raise ConfigError("must be greater than 0")
+    return value
+
+
 # --- the table -----------------------------------------------------------------------------
 
 
@@ -293,6 +341,14 @@ CACHE_SETTINGS: tuple[Setting, ...] = (
             "Seconds to wait for the disk writer at shutdown", metavar="SECONDS"),
     Setting("--prefill-step-size", parse_positive_int, 2048,
             "Tokens per prefill step", metavar="N"),
+    Setting("--remote-url", parse_redis_url, None,
+            "Shared remote tier on Redis/Valkey: redis://[:password@]host:port/db, rediss:// (TLS) "
+            "or unix:///path; needs --disk-dir", metavar="URL", shown_default="none, no remote tier"),
+    Setting("--remote-ttl", parse_non_negative_int, 7 * 24 * 3600,
+            "Seconds each remote key lives (0 = no expiry)", metavar="SECONDS"),
+    Setting("--remote-timeout-ms", parse_positive_ms, 50.0,
+            "Socket timeout of remote lookups in ms: a stuck Redis never delays a request longer",
+            metavar="MS"),
 )
 SETTINGS: dict[str, Setting] = {s.name: s for s in CACHE_SETTINGS}
 

@@ -147,20 +147,55 @@ def main(ctx: click.Context, table: bool) -> None:
 
 
 @main.command()
-@click.argument("dir")
+@click.argument("dir", required=False)
 @click.option("--budget", type=SIZE, default=None, metavar="SIZE",
               help="Disk budget to report use against (e.g. 20GiB), if the store doesn't record one.")
+@click.option("--remote-url", "remote_url", default=None, metavar="URL",
+              help="Also (or only, without DIR) report what a remote tier holds: redis://, rediss://, unix://.")
 @table_option
 @click.pass_context
-def stats(ctx, dir, budget, table):
+def stats(ctx, dir, budget, remote_url, table):
     """Per-namespace statistics, then totals.
 
     For each namespace: its model, blocks, tails, checkpoints, bytes, logical
     tokens stored vs physical tokens (the dedup ratio), oldest/newest access and
-    hits (restores served).
+    hits (restores served). With --remote-url: records, kinds and bytes the
+    Redis/Valkey server holds per namespace (SCAN, never KEYS).
 
     Example: tiercache stats ~/.cache/tiercache/store --table
+    Example: tiercache stats --remote-url redis://cache-host:6379/0 --table
     """
+    if dir is None and remote_url is None:
+        raise CliError("give a store folder, --remote-url, or both")
+    remote = _remote_stats(remote_url) if remote_url is not None else None
+    if dir is None:
+        emit({"remote": remote}, _want_table(ctx, table), lambda d: _render_remote(d["remote"]))
+        return
+    _disk_stats(ctx, dir, budget, table, remote)
+
+
+def _remote_stats(url: str) -> dict:
+    from tiercache.remote.client import check_url
+    from tiercache.remote.stats import RemoteStatsError, remote_stats
+
+    try:
+        return remote_stats(check_url(url))
+    except (ValueError, RemoteStatsError) as e:
+        raise CliError(str(e)) from None
+
+
+def _render_remote(d: dict) -> None:
+    rows = [{
+        "ns": e["namespace"][:12] if e["namespace"] != "TOTAL" else "TOTAL",
+        "records": e["records"], "blocks": e["blocks"], "ckpts": e["checkpoints"] + e["tails"],
+        "foreign": e["foreign"], "size": human_size(e["bytes"]),
+    } for e in d["namespaces"] + [d["total"]]]
+    print_table([("namespace", "ns"), ("records", "records"), ("blocks", "blocks"),
+                 ("ckpts/tails", "ckpts"), ("foreign", "foreign"), ("size", "size")],
+                rows, title=f"remote {d['url']}")
+
+
+def _disk_stats(ctx, dir, budget, table, remote) -> None:
     from tiercache.admin import inspect as I
 
     with open_store(dir) as store:
@@ -191,7 +226,11 @@ def stats(ctx, dir, budget, table):
             rows,
             title=f"{d['path']}  format {d['format_version']}, block size {d['block_size']}, budget {budget_s}",
         )
+        if d.get("remote") is not None:
+            _render_remote(d["remote"])
 
+    if remote is not None:
+        data["remote"] = remote
     emit(data, _want_table(ctx, table), render)
 
 

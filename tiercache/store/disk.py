@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Sequence
@@ -32,6 +32,7 @@ from . import layers as L
 from .blockfile import (
     DIR_MODE,
     TensorSource,
+    write_bytes_file,
     write_tensor_file,
 )
 from .hashing import (
@@ -73,6 +74,8 @@ class SaveResult:
     bytes_written: int = 0
     records_skipped: int = 0
     evicted: int = 0
+    written: list = field(default_factory=list)
+    """The records this save added to the index (a remote tier pushes them)."""
 
 
 class DiskStore:
@@ -438,6 +441,49 @@ class DiskStore:
                 pass
         result.records_written += len(added)
         result.bytes_written += sum(r.nbytes for r in added)
+        result.written.extend(added)
+
+    def adopt_records(self, ns: Namespace, items: Sequence[tuple[Record, bytes]]) -> SaveResult:
+        """Stores records verified elsewhere (a remote tier's hit) with their file bytes.
+
+        The caller has checked every record (tokens, chain id, checksum); records
+        already stored are skipped. Files are durable before the index commit, as
+        in :meth:`save`.
+
+        Args:
+            ns: a registered namespace; every record must belong to it.
+            items: ``(record, file bytes)`` in chain order (parents first).
+
+        Returns:
+            What was written.
+
+        Raises:
+            ValueError: if the namespace is unknown or a record belongs to another.
+        """
+        if self.layer_desc(ns) is None:
+            raise ValueError("unknown namespace: register it first")
+        result = SaveResult()
+        with self._save_lock:
+            with self.index.read() as txn:
+                todo = [(r, b) for r, b in items if self.index.get(txn, r.id) is None]
+            result.records_skipped = len(items) - len(todo)
+            new: list[Record] = []
+            try:
+                now = time.time()
+                for rec, data in todo:
+                    if rec.namespace != ns or len(data) != rec.nbytes:
+                        raise ValueError("record does not match its namespace or bytes")
+                    rec = Record(rec.id, rec.kind, ns, rec.parent, rec.nbytes, rec.checksum,
+                                 now, now, 0, rec.position, rec.tokens)
+                    write_bytes_file(self.file_path(rec), data)
+                    new.append(rec)
+                self._commit(new, result)
+            except BaseException:
+                self._discard_uncommitted(new)
+                raise
+        if self.disk_bytes is not None:
+            result.evicted = len(self.evict_to(self.disk_bytes))
+        return result
 
     # --- lookup and restore -------------------------------------------------------------
 

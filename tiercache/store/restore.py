@@ -53,7 +53,10 @@ def _prefetch(paths: Sequence[Path]) -> None:
 
 
 def read_plan(
-    plan: RestorePlan, file_path: Callable[[Record], Path], geometry: list | None = None
+    plan: RestorePlan,
+    file_path: Callable[[Record], Path] | None,
+    geometry: list | None = None,
+    open_record: Callable[[Record], HashingReader] | None = None,
 ) -> list | None:
     """Builds mlx-lm cache objects for a plan, verifying every file.
 
@@ -63,6 +66,8 @@ def read_plan(
         geometry: the namespace's per-layer tensor geometry
             (:func:`tiercache.store.layers.layer_geometry`), when recorded: a
             tensor that doesn't fit it fails the restore instead of the model.
+        open_record: opens a record's bytes instead of its file (records fetched
+            from a remote store); checked exactly as files are.
 
     Raises:
         RestoreError: a file is missing, truncated, fails its checksum or holds a
@@ -86,11 +91,17 @@ def read_plan(
     states: dict[str, dict] = {}
     state_arrays: dict[int, dict[str, mx.array]] = {}
     row = 0
-    _prefetch([file_path(r) for r in plan.records])
+    if open_record is None:
+        _prefetch([file_path(r) for r in plan.records])
+
+        def open_record(rec: Record) -> HashingReader:
+            return HashingReader(file_path(rec), rec.nbytes)
+
     for rec in plan.records:
         use = min(rec.n_tokens, n_total - row)
         try:
-            meta = _read_record(file_path(rec), rec, use, row, n_total, split, dests, state_arrays, geometry)
+            meta = _read_record(open_record(rec), rec, use, row, n_total, split, dests, state_arrays,
+                                geometry)
         except (BlockFileError, OSError, KeyError, ValueError, TypeError) as e:
             raise RestoreError(rec, str(e)) from None
         if meta is not None:
@@ -111,9 +122,9 @@ def read_plan(
     return cache
 
 
-def _read_record(path, rec, use, row, n_total, split, dests, state_arrays, geometry=None):
-    """Reads one record's file into the restore buffers; returns its layer states."""
-    r = HashingReader(path, rec.nbytes)
+def _read_record(r, rec, use, row, n_total, split, dests, state_arrays, geometry=None):
+    """Reads one record's file (an open reader) into the restore buffers; returns its
+    layer states."""
     states = None
     try:
         for name in r.tensors_in_order():

@@ -38,6 +38,7 @@ from ..store.hashing import Namespace, chain_root, checkpoint_id, next_hash, sal
 from ..store.index import KIND_BLOCK
 from .costmodel import PromotionCostModel
 from .memory import MemoryPromptCache
+from ..remote.tier import DEFAULT_TIMEOUT_MS, DEFAULT_TTL, RemoteTier
 from ..store.namespaces import cache_arrays, key_fingerprint, model_namespace
 from .writer import BackgroundWriter, WriteJob
 
@@ -48,6 +49,7 @@ UNLIMITED_BYTES = 1 << 63
 
 TIER_MEMORY = "memory"
 TIER_DISK = "disk"
+TIER_REMOTE = "remote"
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,12 @@ class FetchResult:
         return self.tokens_by_tier.get(TIER_DISK, 0)
 
     @property
+    def remote_tokens(self) -> int:
+        """Return the number of tokens restored from the remote tier (some of its
+        blocks may have been read from local disk; the hit counts as remote)."""
+        return self.tokens_by_tier.get(TIER_REMOTE, 0)
+
+    @property
     def source(self) -> str:
         """Return the tier that served the most tokens, or ``"none"`` on a miss."""
         served = [(n, tier) for tier, n in self.tokens_by_tier.items() if n]
@@ -122,6 +130,13 @@ def _offset_mismatch(prompt_cache: list, n: int):
     return None
 
 
+@dataclass(eq=False)
+class RemoteRecords:
+    """Verified records of a remote hit, queued for the local disk (writer job)."""
+
+    items: list
+
+
 class TieredPromptCache:
     """A prefix cache that keeps hot snapshots in memory and everything on disk.
 
@@ -150,6 +165,11 @@ class TieredPromptCache:
             caller's first write copies them (MLX copy-on-write); a caller that
             re-inserts what it computed anyway (the server) passes False and
             writes in place.
+        remote_url: a Redis/Valkey URL (``redis://``, ``rediss://``, ``unix://``)
+            shared by several caches: a third tier after memory and disk (needs
+            ``disk_dir``). See :mod:`tiercache.remote`.
+        remote_ttl: seconds each remote key lives (0: no expiry).
+        remote_timeout_ms: socket timeout of remote lookups.
     """
 
     def __init__(
@@ -166,6 +186,9 @@ class TieredPromptCache:
         writer_queue_bytes: int = 2 << 30,
         handover: bool = True,
         keep_promoted: bool = True,
+        remote_url: str | None = None,
+        remote_ttl: int | None = DEFAULT_TTL,
+        remote_timeout_ms: float = DEFAULT_TIMEOUT_MS,
     ):
         if write_policy not in WRITE_POLICIES:
             raise ValueError(f"write_policy must be one of {WRITE_POLICIES}, not {write_policy!r}")
@@ -183,6 +206,12 @@ class TieredPromptCache:
                 self._write, max_queue_bytes=writer_queue_bytes, idle=self.disk.flush_touches
             )
         self.cost_model = cost_model if cost_model is not None else PromotionCostModel()
+        self.remote: RemoteTier | None = None
+        if remote_url is not None:
+            if self.disk is None:
+                raise ValueError("remote_url needs disk_dir (namespaces and restored blocks live there)")
+            self.remote = RemoteTier(remote_url, block_size=self.disk.block_size, ttl=remote_ttl,
+                                     timeout_ms=remote_timeout_ms)
         self._ns_lock = threading.Lock()
         self._ns_by_key: dict[Hashable, Namespace] = {}
         self._files_fp: dict[Hashable, tuple | None] = {}
@@ -358,6 +387,10 @@ class TieredPromptCache:
                     if plan.n_tokens:
                         plans.append(plan)
             best = max(plans, key=lambda p: p.n_tokens, default=None)
+            local_best = max(mem_n, best.n_tokens if best is not None else 0)
+            remote = self._remote_lookup(model, tokens, sb, limit, local_best, plans)
+            if remote is not None:
+                return self._serve_remote(model, sb, tokens, hit, remote)
             best_bytes = sum(r.nbytes for r in best.records) if best is not None else 0
             if best is not None and self.cost_model.prefer_disk(mem_n, best.n_tokens, best_bytes):
                 t0 = time.perf_counter()
@@ -381,6 +414,50 @@ class TieredPromptCache:
         if hit is None:
             return FetchResult(None, list(tokens), len(tokens))
         return FetchResult(hit.prompt_cache, list(tokens[mem_n:]), len(tokens), {TIER_MEMORY: mem_n})
+
+    # --- remote tier hooks ----------------------------------------------------------------
+
+    def _remote_lookup(self, model, tokens, salt, limit, local_best, plans):
+        """A remote hit beating the local tiers by a block (less isn't worth the
+        network), restored, as ``(namespace, cache, hit, seconds)``; None otherwise
+        (never raises)."""
+        if self.remote is None or self._closed:
+            return None
+        floor = local_best + (self.remote.block_size if local_best else 1)
+        if limit < floor:
+            return None
+        for ns in self._namespaces(model):
+            desc = self.disk.layer_desc(ns)
+            local = next((p.chain for p in plans if p.namespace == ns), [])
+            t0 = time.perf_counter()
+            found = self.remote.lookup(ns, desc, tokens, salt, limit, local)
+            if found is None or found.n_tokens < floor:
+                continue
+            try:
+                geo = self.disk.geometry(ns)
+                cache = self.remote.restore(found, self.disk.file_path,
+                                            geo.get("layers") if geo else None)
+            except (RestoreError, ValueError) as e:
+                # Checked bytes that still don't build a cache (or a local file
+                # went bad meanwhile): a miss, never a wrong hit.
+                self.remote.note_rejected(str(e))
+                continue
+            return ns, cache, found, time.perf_counter() - t0
+        return None
+
+    def _serve_remote(self, model, salt, tokens, hit, remote) -> FetchResult:
+        """Hands a remote hit to the caller; its records go to local disk via the writer."""
+        ns, cache, found, dt = remote
+        n = found.n_tokens
+        if hit is not None and hit.prompt_cache is not None:
+            self._give_back(model, salt, tokens, hit)
+        if self.keep_promoted:
+            self.memory.insert((model, salt), tokens[:n], cache, cache_type="user")
+        items = found.remote_items()
+        self.writer.submit(WriteJob(ns, (), RemoteRecords(items), salt, sum(len(b) for _, b in items)))
+        self.counters["promotions"] += 1
+        self.counters["restore_seconds"] += dt
+        return FetchResult(cache, list(tokens[n:]), len(tokens), {TIER_REMOTE: n}, dt)
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         """Report a prefill of ``tokens`` tokens that took ``seconds``.
@@ -453,7 +530,12 @@ class TieredPromptCache:
         self.writer.submit(WriteJob(ns, tokens, host, salt, nbytes))
 
     def _write(self, ns, tokens, host, salt) -> None:
-        self.disk.save(ns, tokens, host, salt=salt or None)
+        if isinstance(host, RemoteRecords):  # a remote hit: keep a local copy
+            self.disk.adopt_records(ns, host.items)
+            return
+        result = self.disk.save(ns, tokens, host, salt=salt or None)
+        if self.remote is not None:  # share what this commit added
+            self.remote.push(ns, result.written, self.disk.file_path)
 
     def _on_evict(self, key, tokens, prompt_cache, cache_type) -> None:
         if self.disk is None:
@@ -490,7 +572,8 @@ class TieredPromptCache:
 
     def stats(self) -> dict:
         """Per-tier counters: entries, bytes, hits and hit tokens, promotions,
-        demotions, evictions, writer queue bytes and dropped writes."""
+        demotions, evictions, writer queue bytes and dropped writes; with a remote
+        tier, its hits, misses, rejections, errors, bytes, latency and breaker."""
         m = self.memory.counters
         out = {
             "memory": {
@@ -532,6 +615,8 @@ class TieredPromptCache:
                 "dropped_writes": w["dropped_writes"],
                 "errors": w["errors"],
             }
+        if self.remote is not None:
+            out["remote"] = self.remote.stats()
         return out
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -540,6 +625,8 @@ class TieredPromptCache:
             return True
         ok = self.writer.flush(timeout)
         self.disk.flush_touches()
+        if self.remote is not None:  # pushes follow the disk commits just flushed
+            ok = self.remote.flush(timeout) and ok
         return ok
 
     def clear(self, tier: str | None = None) -> None:
@@ -561,6 +648,8 @@ class TieredPromptCache:
         ok = True
         if self.writer is not None:
             ok = self.writer.close(flush_timeout)
+        if self.remote is not None:
+            self.remote.close(min(flush_timeout, 5.0))
         if self.disk is not None:
             if self.writer is not None and self.writer.is_alive():
                 # The writer is stuck inside a save (a hung disk): closing LMDB
