@@ -339,12 +339,14 @@ class Engine:
         cached = len(tokens) - len(rest) if prompt_cache is not None else 0
         disk = int(getattr(info, "disk_tokens", 0) or 0) if info is not None else 0
         disk = min(disk, cached)
-        memory = cached - disk
+        pending = int(getattr(info, "pending_tokens", 0) or 0) if info is not None else 0
+        pending = min(pending, cached - disk)
+        memory = cached - disk - pending
         if prompt_cache is None:
             prompt_cache = make_prompt_cache(self.model)
             rest = tokens
         if self.metrics is not None:
-            self.metrics.observe_fetch(len(tokens), memory, disk, restore_s)
+            self.metrics.observe_fetch(len(tokens), memory, disk, restore_s, pending=pending)
         usage = {
             "prompt_tokens": len(tokens),
             "completion_tokens": 0,
@@ -353,6 +355,7 @@ class Engine:
                 "cached_tokens": cached,
                 "memory_tokens": memory,
                 "disk_tokens": disk,
+                "pending_tokens": pending,
             },
         }
         emit(("start", usage))

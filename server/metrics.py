@@ -33,6 +33,8 @@ _TIER_COUNTERS = {
     "corrupt_records": "Damaged disk records found (and skipped) on restore",
     "writer_errors": "Disk writes that failed with an error",
     "written": "Snapshots written to disk",
+    "hit_tokens": "Prompt tokens served by the tier",
+    "bytes_written": "Bytes of block and checkpoint files written to the disk tier",
 }
 _TIER_GAUGES = {
     "entries": "Entries held by the tier",
@@ -62,7 +64,7 @@ class _CacheCollector:
             for k, doc in _TIER_GAUGES.items()
         }
         writer = stats.get("writer") if isinstance(stats.get("writer"), dict) else {}
-        for tier in ("memory", "disk"):
+        for tier in ("memory", "pending", "disk"):
             tier_stats = stats.get(tier)
             if tier == "disk" and isinstance(tier_stats, dict) and writer:
                 tier_stats = dict(tier_stats)
@@ -104,7 +106,7 @@ class Metrics:
             ["tier"],
             registry=r,
         )
-        for tier in ("memory", "disk"):
+        for tier in ("memory", "pending", "disk"):
             self.hit_tokens.labels(tier=tier)
         self.requests = Counter(
             "tiercache_requests",
@@ -138,7 +140,9 @@ class Metrics:
         )
         r.register(_CacheCollector(get_stats))
 
-    def observe_fetch(self, queried: int, memory: int, disk: int, seconds: float) -> None:
+    def observe_fetch(
+        self, queried: int, memory: int, disk: int, seconds: float, pending: int = 0
+    ) -> None:
         """Record one prefix lookup.
 
         Args:
@@ -146,13 +150,17 @@ class Metrics:
             memory: Tokens served from memory.
             disk: Tokens served from disk.
             seconds: Time the lookup (and restore) took.
+            pending: Tokens copied from a snapshot the disk writer had not
+                committed yet (the pending tier).
         """
         self.query_tokens.inc(queried)
         if memory:
             self.hit_tokens.labels(tier="memory").inc(memory)
+        if pending:
+            self.hit_tokens.labels(tier="pending").inc(pending)
         if disk:
             self.hit_tokens.labels(tier="disk").inc(disk)
-        tier = "disk" if disk else ("memory" if memory else "miss")
+        tier = "disk" if disk else ("pending" if pending else ("memory" if memory else "miss"))
         self.restore.labels(tier=tier).observe(seconds)
 
     def render(self) -> bytes:

@@ -343,7 +343,7 @@ def _settled(store, problems, temp_grace: float):
                     rid = bytes.fromhex(p.target)
                 except ValueError:
                     rid = None
-                if rid is not None and txn.get(rid, db=store.index.records) is None:
+                if rid is not None and not store.index.has(txn, rid):
                     continue
             out.append(p)
     return out

@@ -3,7 +3,8 @@
 Problems found: leftover temp files, orphan files (no record), symlinks where files
 should be, records whose file is missing, has the wrong size or fails its checksum,
 undecodable records, records whose parent block is gone, child links pointing to
-nothing, records missing their child link, and drift of the byte counter.
+nothing, records missing their child link, a stale eviction order, and drift of the byte
+counter.
 ``fix=True`` repairs all of them, so a second ``check()`` returns nothing.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 from .blockfile import TEMP_MARK, BlockFileError, HashingReader, list_files
 from .hashing import checkpoint_id, next_hash, unpack_tokens
 from .layout import BLOCKS_DIR, CHECKPOINTS_DIR
-from .index import KIND_BLOCK, KIND_NAMES, Index, Record
+from .index import KIND_BLOCK, KIND_NAMES, Index, Record, evict_key
 
 
 @dataclass
@@ -29,7 +30,8 @@ class Problem:
             ``size_mismatch``, ``checksum_mismatch``, ``bad_record``,
             ``hash_mismatch`` (tokens do not hash to the record's id), ``dangling_parent``,
             ``dangling_child``, ``missing_link``, ``prefix_link``
-            (first-token index entry stale or missing) or ``byte_drift``.
+            (first-token index entry stale or missing), ``evict_order``
+            (eviction-order entries stale or missing) or ``byte_drift``.
         target: the file path or record id (hex) concerned.
         detail: a human-readable explanation.
     """
@@ -85,20 +87,15 @@ def check_store(store, fix: bool = False, temp_grace: float = 60.0) -> list[Prob
     bad_keys: list[bytes] = []
     recs: dict[bytes, Record] = {}
     with ix.read() as txn:
-        for rid, raw in ix.iter_records(txn):
-            try:
-                recs[rid] = Record.decode(rid, raw)
-            except ValueError:
+        for rid, rec in ix.scan(txn):
+            if rec is not None:
+                recs[rid] = rec
+            else:
                 problems.append(Problem("bad_record", rid.hex(), "record cannot be decoded"))
                 bad_keys.append(rid)
-        links = []
-        cur = txn.cursor(db=ix.children)
-        for parent, child in cur.iternext(keys=True, values=True):
-            links.append((bytes(parent), bytes(child)))
-        first_links = set()
-        cur = txn.cursor(db=ix.firsttok)
-        for key, child in cur.iternext(keys=True, values=True):
-            first_links.add((bytes(key), bytes(child)))
+        links = list(ix.child_links(txn))
+        first_links = set(ix.first_token_links(txn))
+        evict_keys = ix.evictable_keys(txn)
         total = ix.total_bytes(txn)
 
     # Files on disk.
@@ -169,6 +166,12 @@ def check_store(store, fix: bool = False, temp_grace: float = 60.0) -> list[Prob
     for key, child in sorted(want_first - first_links):
         problems.append(Problem("prefix_link", child.hex(), "record missing its first-token link"))
 
+    parents = {parent for parent, child in links if child in recs}
+    want_evict = {evict_key(rec) for rid, rec in recs.items() if rid not in parents}
+    if ix.evictable is not None and want_evict != evict_keys:
+        problems.append(Problem("evict_order", "evictable",
+                                f"{len(evict_keys ^ want_evict)} eviction-order entries stale or missing"))
+
     expected = sum(r.nbytes for r in recs.values())
     if expected != total:
         problems.append(Problem("byte_drift", "total_bytes", f"counter {total} != records {expected}"))
@@ -183,22 +186,20 @@ def _repair(store, recs, remove, bad_keys, bad_links, missing_links, junk) -> No
 
     def fn(txn):
         for rid in bad_keys:
-            txn.delete(rid, db=ix.records)
+            ix.delete_raw(txn, rid)
         for parent, child in bad_links:
-            txn.delete(parent, child, db=ix.children)
+            ix.unlink_child(txn, parent, child)
         for rid in remove:
             rec = recs[rid]
-            txn.delete(rid, db=ix.records)
-            txn.delete(rec.parent, rid, db=ix.children)
+            ix.delete_raw(txn, rid)
+            ix.unlink_child(txn, rec.parent, rid)
         for parent, rid in missing_links:
             if rid not in remove:
-                txn.put(parent, rid, db=ix.children, dupdata=True)
+                ix.link_child(txn, parent, rid)
         kept = sum(r.nbytes for rid, r in recs.items() if rid not in remove)
-        # The first-token index is derived: rebuild it from the records kept.
-        txn.drop(ix.firsttok, delete=False)
-        for rid, rec in recs.items():
-            if rid not in remove and rec.tokens:
-                txn.put(Index.firsttok_key(rec), rid, db=ix.firsttok, dupdata=True)
+        # The first-token index and the eviction order are derived: rebuild them
+        # from the records and links kept.
+        ix.rebuild_derived(txn)
         ix.set_total(txn, kept)
 
     ix.write(fn)

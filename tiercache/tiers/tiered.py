@@ -3,9 +3,12 @@
 * Memory tier: :class:`tiercache.tiers.memory.MemoryPromptCache` under ``max_bytes``.
 * Disk tier: :class:`tiercache.store.disk.DiskStore` under ``disk_bytes``, written by a
   :class:`tiercache.tiers.writer.BackgroundWriter` so the generation thread never waits.
-* A lookup takes the memory result, asks the disk for a longer prefix, and restores
-  from disk when the disk offers at least ``min_promote_tokens`` more (any disk hit
-  counts when memory has nothing); the restored snapshot is promoted into memory.
+* Pending tier: :class:`tiercache.tiers.pending.PendingTier`, the snapshots the
+  writer holds but has not committed yet (their host buffers), searched like memory.
+* A lookup takes the memory result, asks the pending tier and the disk for a longer
+  prefix, and restores the longest when it offers at least ``min_promote_tokens``
+  more (any hit counts when memory has nothing); the restored snapshot is promoted
+  into memory.
 * ``write_policy="through"`` persists every insert (dedup makes that cheap, and an
   eviction then costs nothing); ``"back"`` persists only what memory evicts.
 
@@ -32,9 +35,9 @@ import mlx.core as mx
 from ..store import layers as L
 from ..store.disk import DiskStore
 from ..store.restore import RestoreError
-from ..store.hashing import Namespace, chain_root, checkpoint_id, next_hash, salt_bytes
-from ..store.index import KIND_BLOCK
+from ..store.hashing import Namespace, salt_bytes
 from .memory import MemoryPromptCache
+from .pending import PendingTier
 from ..store.namespaces import cache_arrays, key_fingerprint, model_namespace
 from .writer import BackgroundWriter, WriteJob
 
@@ -52,39 +55,28 @@ class FetchInfo:
         memory_tokens: tokens served from the memory tier.
         disk_tokens: tokens restored from disk (then promoted into memory).
         restore_seconds: time spent restoring from disk.
+        pending_tokens: tokens copied from a snapshot the disk writer had not
+            committed yet (the pending tier).
     """
 
     query_tokens: int = 0
     memory_tokens: int = 0
     disk_tokens: int = 0
     restore_seconds: float = 0.0
+    pending_tokens: int = 0
 
     @property
     def cached_tokens(self) -> int:
-        return self.memory_tokens + self.disk_tokens
+        return self.memory_tokens + self.disk_tokens + self.pending_tokens
 
     @property
     def source(self) -> str:
-        """``"memory"``, ``"disk"`` or ``"none"``."""
+        """``"memory"``, ``"pending"``, ``"disk"`` or ``"none"``."""
         if self.disk_tokens:
             return "disk"
+        if self.pending_tokens:
+            return "pending"
         return "memory" if self.memory_tokens else "none"
-
-
-def _chain_ids_match(chain, root, ns, block_size: int) -> bool:
-    """True if every record of ``chain`` (root to end) is keyed by the hash of its own
-    tokens: blocks by the chain hash, the last tail/checkpoint by its checkpoint id."""
-    parent = root
-    for rec in chain:
-        if rec.namespace != ns or rec.parent != parent:
-            return False
-        if rec.kind == KIND_BLOCK:
-            if rec.n_tokens != block_size or next_hash(parent, rec.tokens) != rec.id:
-                return False
-        elif rec.id != checkpoint_id(parent, rec.token_list):
-            return False
-        parent = rec.id
-    return True
 
 
 def _offset_mismatch(prompt_cache: list, n: int):
@@ -149,11 +141,14 @@ class TieredPromptCache:
         self.memory = MemoryPromptCache(max_size, max_bytes, on_evict=self._on_evict)
         self.disk: DiskStore | None = None
         self.writer: BackgroundWriter | None = None
+        self.pending: PendingTier | None = None
         if disk_dir is not None:
             self.disk = DiskStore(disk_dir, block_size=block_size, disk_bytes=disk_bytes)
+            self.disk.record_budget()
             self.writer = BackgroundWriter(
                 self._write, max_queue_bytes=writer_queue_bytes, idle=self.disk.flush_touches
             )
+            self.pending = PendingTier(self.writer)
         bs = self.disk.block_size if self.disk else block_size
         self.min_promote_tokens = bs if min_promote_tokens is None else min_promote_tokens
         self._ns_lock = threading.Lock()
@@ -278,29 +273,36 @@ class TieredPromptCache:
         sb = salt_bytes(salt)
         hit = self.memory.fetch((model, sb), tokens, limit=limit, handover=self.handover)
         mem_n = hit.n_tokens if hit else 0
-        # The disk is asked only when it could win: beat memory by min_promote_tokens
-        # (any disk hit counts when memory has nothing).
-        plans = []
-        cache, n, dt = None, 0, 0.0
-        # The disk tier is best effort: an LMDB error, a closed store (server
-        # shutdown while a request is served) or an unexpected file must never
-        # raise into the generation thread, nor lose the memory entry that may
-        # already have been handed over above. Any failure is a disk miss.
+        # The other tiers are asked only when they could win: beat memory by
+        # min_promote_tokens (any hit counts when memory has nothing).
+        pend, plans = None, []
+        cache, n, dt, source = None, 0, 0.0, None
+        # Pending and disk tiers are best effort: an LMDB error, a closed store
+        # (server shutdown while a request is served) or an unexpected file must
+        # never raise into the generation thread, nor lose the memory entry that
+        # may already have been handed over above. Any failure is a miss.
         try:
             if (
                 self.disk is not None
                 and not self._closed
                 and (mem_n == 0 or limit - mem_n >= max(1, self.min_promote_tokens))
             ):
-                for ns in self._namespaces(model):
+                namespaces = self._namespaces(model)
+                # Pending jobs first: one committed after this call is on disk below.
+                pend = self.pending.find(namespaces, sb, tokens, limit) if namespaces else None
+                for ns in namespaces:
                     plan = self.disk.longest_prefix(ns, tokens, salt=sb, limit=limit)
                     if plan.n_tokens:
                         plans.append(plan)
+            pend_n = pend.n_tokens if pend is not None else 0
             disk_best = max((p.n_tokens for p in plans), default=0)
-            if disk_best > mem_n and (mem_n == 0 or disk_best - mem_n >= self.min_promote_tokens):
+            if disk_best > max(mem_n, pend_n) and self._beats_memory(disk_best, mem_n):
                 t0 = time.perf_counter()
                 cache, n = self._restore(plans, tokens, sb, limit)
                 dt = time.perf_counter() - t0
+                source = "disk"
+            if pend_n > max(mem_n, n) and self._beats_memory(pend_n, mem_n):
+                cache, n, source = self.pending.restore(pend), pend_n, "pending"
         except Exception as e:
             log.warning("disk lookup failed (serving from memory): %s", e)
             cache, n = None, 0
@@ -309,16 +311,22 @@ class TieredPromptCache:
                 self._give_back(model, sb, tokens, hit)
             if self.keep_promoted:
                 self.memory.insert((model, sb), tokens[:n], cache, cache_type="user")
-            info.disk_tokens, info.restore_seconds = n, dt
-            self.counters["disk_hits"] += 1
-            self.counters["disk_hit_tokens"] += n
             self.counters["promotions"] += 1
-            self.counters["restore_seconds"] += dt
+            if source == "pending":
+                info.pending_tokens = n
+            else:
+                info.disk_tokens, info.restore_seconds = n, dt
+                self.counters["disk_hits"] += 1
+                self.counters["disk_hit_tokens"] += n
+                self.counters["restore_seconds"] += dt
             return cache, list(tokens[n:])
         if hit is None:
             return None, list(tokens)
         info.memory_tokens = mem_n
         return hit.prompt_cache, list(tokens[mem_n:])
+
+    def _beats_memory(self, n: int, mem_n: int) -> bool:
+        return mem_n == 0 or n - mem_n >= self.min_promote_tokens
 
     def _restore(self, plans, tokens, salt, limit):
         """Restores the longest plan; a bad file makes the store fall back itself."""
@@ -452,7 +460,10 @@ class TieredPromptCache:
                 "evictions": d["evicted_records"],
                 "corrupt_records": d["corrupt_records"],
                 "restore_seconds": self.counters["restore_seconds"],
+                "bytes_written": d["bytes_written"],
+                "records_written": d["records_written"],
             }
+            out["pending"] = self.pending.stats()
             out["writer"] = {
                 "queue_bytes": self.writer.queue_bytes,
                 "pending": self.writer.pending(),
@@ -514,32 +525,20 @@ class TieredPromptCache:
         are skipped (their salt isn't known here); the memory tier's own budget is
         never exceeded by prewarming (nothing hot is evicted for it).
         """
-        from ..admin.inspect import chain_of, chain_tokens, load_view, plan_for, snapshot_ends
-
         done = 0
         try:
-            view = load_view(self.disk)
-            root = chain_root(ns, None)
-            ends = sorted(snapshot_ends(view, ns), key=lambda r: -r.last_access)
-            for rec in ends:
+            for snap in self.disk.recent_snapshots(ns, budget):
                 if self._closed or done >= budget:
                     break
                 try:
-                    chain = chain_of(view, rec)
-                    if chain[0].parent != root or not _chain_ids_match(chain, root, ns, self.disk.block_size):
-                        # Salted, or the index holds tokens that don't hash to their
-                        # record's id (damage, poisoning): keying memory by those
-                        # tokens would serve KV of other tokens. Lookups compare
-                        # tokens against the query's hashes; prewarm must too.
-                        continue
-                    cache = self.disk.restore(plan_for(self.disk, view, rec))
-                except (ValueError, RestoreError):
+                    cache = self.disk.restore(snap.plan)
+                except RestoreError:
                     continue
                 mx.eval(list(cache_arrays(cache)))
                 nbytes = sum(c.nbytes for c in cache)
                 if done + nbytes > budget or self.memory.nbytes + nbytes > self.memory.max_bytes:
                     continue
-                self.memory.insert((key, b""), chain_tokens(chain), cache, cache_type="user")
+                self.memory.insert((key, b""), snap.tokens, cache, cache_type="user")
                 done += nbytes
                 self.counters["prewarmed_bytes"] += nbytes
             log.info("prewarmed %d bytes into memory", done)
