@@ -319,7 +319,6 @@ _RECORD_PROBLEMS = {"missing_file", "size_mismatch", "checksum_mismatch", "dangl
 def _settled(store, problems, temp_grace: float):
     """Drops what a concurrent writer explains: a file renamed into place whose
     record isn't committed yet (younger than the grace), or a record evicted since."""
-    import lmdb  # noqa: F401
 
     now = time.time()
     out = []
