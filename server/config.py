@@ -303,7 +303,7 @@ def validate_config(cfg: ServerConfig) -> None:
     if cfg.prompt_cache_bytes == 0:
         raise ConfigError("--prompt-cache-bytes must be greater than 0")
     if cfg.disk_bytes == 0:
-        raise ConfigError("--disk-bytes must be greater than 0")
+        raise ConfigError("--disk-bytes must be greater than 0 (omit it for no budget)")
     if cfg.writer_queue_bytes == 0:
         raise ConfigError("--writer-queue-bytes must be greater than 0")
     if cfg.api_key is not None and cfg.api_key.strip() == "":

@@ -152,6 +152,8 @@ def main(argv: Sequence[str] | None = None, hard_exit: bool = True) -> int:
         return int(exc.code or 2)
     if opts.block_size <= 0:
         ours.exit(2, f"{ours.prog}: error: --block-size must be positive\n")
+    if opts.disk_bytes == 0:  # one meaning everywhere: the server refuses 0 the same way
+        ours.exit(2, f"{ours.prog}: error: --disk-bytes must be greater than 0 (omit it for no budget)\n")
     if opts.disk_dir:
         opts.disk_dir = os.path.expanduser(opts.disk_dir)
     opts.prompt_cache_bytes = _peek_prompt_cache_bytes(rest)

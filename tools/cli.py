@@ -560,6 +560,8 @@ def warm(ctx, dir, model_path, prompts, prefill_step_size, block_size, disk_byte
 
     from tiercache.store.namespaces import model_namespace
 
+    if disk_bytes == 0:  # one meaning everywhere: the server refuses 0 the same way
+        raise click.BadParameter("must be greater than 0 (omit it for no budget)", param_hint="--disk-bytes")
     items = read_prompts(prompts)
     t0 = time.time()
     model, tokenizer = mlx_lm.load(model_path)
