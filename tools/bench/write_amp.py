@@ -128,6 +128,7 @@ def markdown(res: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="demo")
+    ap.add_argument("--model-dir", default=None, help="folder holding the preset's model folder")
     ap.add_argument("--block-size", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
     spec = T.QUICK if args.quick else T.TraceSpec()
     spec = T.TraceSpec(**{**asdict(spec), "seed": args.seed})
     turns = T.generate(spec)
-    path = C.model_path(args.preset)
+    path = C.model_path(args.preset, args.model_dir)
     model, _ = C.load_model(path)
     tmp = Path(tempfile.mkdtemp(prefix="tiercache-wa-"))
     try:
