@@ -54,3 +54,17 @@ def test_recent_snapshots(tmp_path):
     ix.write(lambda txn: txn.put(rec.id, rec.encode(), db=ix.records))
     assert snaps["b"] not in [s.tokens for s in store.recent_snapshots(ns, 1 << 30)]
     store.close()
+
+
+def test_stats_reports_the_budget_the_cache_recorded(tmp_path):
+    from tiercache import TieredPromptCache
+    from tiercache.admin import inspect as I
+
+    TieredPromptCache(disk_dir=tmp_path / "s", disk_bytes=123_456).close()
+    with DiskStore(tmp_path / "s", readonly=True) as store:
+        assert store.recorded_budget() == 123_456
+        assert I.store_stats(store, I.load_view(store))["total"]["budget_bytes"] == 123_456
+        assert I.store_stats(store, I.load_view(store), budget=99)["total"]["budget_bytes"] == 99
+    TieredPromptCache(disk_dir=tmp_path / "s").close()  # unlimited now
+    with DiskStore(tmp_path / "s", readonly=True) as store:
+        assert store.recorded_budget() is None
