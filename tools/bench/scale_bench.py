@@ -58,6 +58,7 @@ B = 16
 CHAIN = 16
 FILES_FP = b"\x05" * 16
 HIT_TOKENS = 1024
+HIT = [3 + (i * 31) % 60000 for i in range(HIT_TOKENS)]
 
 
 def _kv(tokens: list[int]) -> KVCache:
@@ -177,6 +178,58 @@ def stage(store: DiskStore, ns: bytes, filler: Filler, repeats: int, seq: list[i
             "save_over_budget": _ms(over), "full_scan_ms": round(scan * 1e3, 1)}
 
 
+def paired(work: Path, sizes: list[int], repeats: int) -> list[dict]:
+    """One store per size, then the same operations interleaved round by round, so
+    every size sees the same machine load (this VM's disk is shared: fsync times
+    swing by 10x within minutes, which a size-by-size run would blame on size)."""
+    stores = []
+    for n in sizes:
+        store, ns, filler = _new_store(work / f"paired-{n}")
+        filler.grow(n - store.n_records())
+        filler.make_files(repeats * 11 // CHAIN + 4)
+        stores.append((n, store, ns, filler))
+        print(f"paired: built {n} records", file=sys.stderr)
+    times = {n: {"save": [], "evict": [], "save_over_budget": []} for n in sizes}
+    counter = [10**9]
+    for r in range(repeats):
+        for n, store, ns, filler in stores[r % len(stores):] + stores[: r % len(stores)]:
+            store.disk_bytes = None
+            toks, cache = _snapshot(counter)
+            t0 = time.perf_counter()
+            store.save(ns, toks, cache)
+            times[n]["save"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            store.evict_to(store.total_bytes() - 5 * filler.block_bytes)
+            times[n]["evict"].append(time.perf_counter() - t0)
+            store.disk_bytes = store.total_bytes()
+            toks, cache = _snapshot(counter)
+            t0 = time.perf_counter()
+            store.save(ns, toks, cache)
+            times[n]["save_over_budget"].append(time.perf_counter() - t0)
+    out = []
+    for n, store, ns, filler in stores:
+        out.append({"records": store.n_records(), **{k: _ms(v) for k, v in times[n].items()}})
+        store.close()
+    return out
+
+
+def _snapshot(counter: list[int]):
+    counter[0] += 1
+    toks = [3 + (counter[0] * 7919 + i) % 60000 for i in range(72)]
+    return toks, [_kv(toks)]
+
+
+def _new_store(path: Path):
+    store = DiskStore(path, block_size=B)
+    ns = store.register_namespace(FILES_FP, [{"class": "KVCache", "dtype": "F32"}], {"bench": "scale"})
+    probe = [3 + i for i in range(B)]
+    store.save(ns, probe, [_kv(probe)])
+    block_bytes = store.total_bytes()
+    store.clear()
+    store.save(ns, HIT, [_kv(HIT)])  # the chain the start-up lookup will hit
+    return store, ns, Filler(store, ns, block_bytes)
+
+
 _START = r"""
 import json, sys, time
 t0 = time.perf_counter()
@@ -218,6 +271,14 @@ def markdown(res: dict) -> str:
             f"{r['evict_index_only']['median_ms']} ({r['evict_index_only']['p90_ms']}) | "
             f"{r['save_over_budget']['median_ms']} ({r['save_over_budget']['p90_ms']}) | "
             f"{r['full_scan_ms']:,} | {r['build_s']:.1f} |")
+    if res.get("paired"):
+        lines += ["", "Paired run: one store per size, operations interleaved round by round (same load for all):",
+                  "", "| records | save median (p90) ms | evict 5 median (p90) ms | save over budget median (p90) ms |",
+                  "|---:|---:|---:|---:|"]
+        for r in res["paired"]:
+            lines.append(f"| {r['records']:,} | {r['save']['median_ms']} ({r['save']['p90_ms']}) | "
+                         f"{r['evict']['median_ms']} ({r['evict']['p90_ms']}) | "
+                         f"{r['save_over_budget']['median_ms']} ({r['save_over_budget']['p90_ms']}) |")
     s = res.get("start")
     if s:
         lines += ["", f"At {s['records']:,} records, fresh process: store open + namespace lookup "
@@ -252,37 +313,46 @@ def plot(res: dict, out: Path) -> None:
     fig.savefig(out / "scale_bench.png", dpi=120)
 
 
+def sequential(path: Path, sizes: list[int], repeats: int) -> dict:
+    """Grow one store through the sizes, measuring at each (then start-up at the last)."""
+    store, ns, filler = _new_store(path)
+    seq = [0]
+    res = {"block_bytes": filler.block_bytes, "stages": []}
+    for n in sizes:
+        build = filler.grow(n - store.n_records())
+        st = stage(store, ns, filler, repeats, seq)
+        st["build_s"] = build
+        res["stages"].append(st)
+        print(json.dumps(st), file=sys.stderr)
+    store.close()
+    res["start"] = start_and_first_lookup(path, HIT)
+    res["index_mb"] = round(sum(p.stat().st_size for p in (path / "index.lmdb").iterdir()) / 1e6, 1)
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1e3,1e4,1e5,1e6")
     ap.add_argument("--repeats", type=int, default=40)
     ap.add_argument("--out", default="tools/bench/results")
     ap.add_argument("--work", default=None, help="folder for the store (default: a temp dir)")
+    ap.add_argument("--paired", action="store_true",
+                    help="also build one store per size and time them interleaved (same load for every size)")
+    ap.add_argument("--paired-only", action="store_true",
+                    help="only the paired run (start-up measured on its largest store)")
     args = ap.parse_args(argv)
     sizes = [int(float(s)) for s in args.sizes.split(",")]
     work = Path(args.work or tempfile.mkdtemp(prefix="tiercache-scale-"))
     path = work / "store"
     try:
-        store = DiskStore(path, block_size=B)
-        ns = store.register_namespace(FILES_FP, [{"class": "KVCache", "dtype": "F32"}], {"bench": "scale"})
-        probe = [3 + i for i in range(B)]
-        store.save(ns, probe, [_kv(probe)])
-        block_bytes = store.total_bytes()
-        store.clear()
-        hit = [3 + (i * 31) % 60000 for i in range(HIT_TOKENS)]
-        store.save(ns, hit, [_kv(hit)])  # the chain the start-up lookup will hit
-        filler = Filler(store, ns, block_bytes)
-        seq = [0]
-        res = {"block_bytes": block_bytes, "stages": []}
-        for n in sizes:
-            build = filler.grow(n - store.n_records())
-            st = stage(store, ns, filler, args.repeats, seq)
-            st["build_s"] = build
-            res["stages"].append(st)
-            print(json.dumps(st), file=sys.stderr)
-        store.close()
-        res["start"] = start_and_first_lookup(path, hit)
-        res["index_mb"] = round(sum(p.stat().st_size for p in (path / "index.lmdb").iterdir()) / 1e6, 1)
+        if args.paired_only:
+            res = {"stages": [], "paired": paired(work, sizes, args.repeats)}
+            res["start"] = start_and_first_lookup(work / f"paired-{sizes[-1]}", HIT)
+        else:
+            res = sequential(path, sizes, args.repeats)
+            if args.paired:
+                shutil.rmtree(path, ignore_errors=True)
+                res["paired"] = paired(work, sizes, args.repeats)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
