@@ -293,22 +293,32 @@ def plot(res: dict, out: Path) -> None:
     plt = C.plt()
     if plt is None:
         return
-    xs = [r["records"] for r in res["stages"]]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for key, label in (("save", "save (no eviction)"), ("evict", "evict 5 records"),
-                       ("save_index_only", "save, index only (aborted txn)"),
-                       ("evict_index_only", "evict 5, index only (aborted txn)"),
-                       ("save_over_budget", "save over budget (save + evict)")):
-        ax.plot(xs, [r[key]["median_ms"] for r in res["stages"]], marker="o", label=label)
-    ax.plot(xs, [r["full_scan_ms"] for r in res["stages"]], marker="x", linestyle="--",
-            label="full index scan (previous eviction's floor)")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("records in the store")
-    ax.set_ylabel("median latency (ms)")
-    ax.set_title("Disk tier at scale")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    panels = [("sequential: one store grown through the sizes", res["stages"], True)]
+    if res.get("paired"):
+        panels.append(("paired: one store per size, interleaved", res["paired"], False))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.4), squeeze=False)
+    for ax, (title, rows, extra) in zip(axes[0], panels):
+        if not rows:
+            continue
+        xs = [r["records"] for r in rows]
+        series = [("save", "save (no eviction)"), ("evict", "evict 5 records"),
+                  ("save_over_budget", "save over budget (save + evict)")]
+        if extra:
+            series += [("save_index_only", "save, index only (aborted txn)"),
+                       ("evict_index_only", "evict 5, index only (aborted txn)")]
+        for key, label in series:
+            ax.plot(xs, [r[key]["median_ms"] for r in rows], marker="o", label=label)
+        if extra:
+            ax.plot(xs, [r["full_scan_ms"] for r in rows], marker="x", linestyle="--",
+                    label="full index scan (previous eviction's floor)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("records in the store")
+        ax.set_ylabel("median latency (ms)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Disk tier at scale")
     fig.tight_layout()
     fig.savefig(out / "scale_bench.png", dpi=120)
 
