@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from .config import ServerConfig
+from .dashboard import dashboard_router
 from .engine import Engine, GenParams, RequestError
 from .errors import (
     APIError,
@@ -44,6 +45,9 @@ _KNOWN_PATHS = {
     "/v1/cache/reset": "cache_reset",
     "/health": "health",
     "/metrics": "metrics",
+    "/dashboard": "dashboard",
+    "/v1/dashboard/requests": "dashboard_requests",
+    "/v1/dashboard/store": "dashboard_store",
 }
 
 
@@ -184,7 +188,8 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
         require_ready()
         if not engine.matches_model(body.model):
             raise APIError(404, f"the model {body.model!r} does not exist; this server "
-                           f"serves {engine.model_id!r}", "model", "model_not_found")
+                           f"serves {', '.join(map(repr, engine.served_names()))}", "model",
+                           "model_not_found")
         try:
             tokens = await run_in_threadpool(tokens_fn)
             user_start = 0
@@ -204,6 +209,7 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
             salt=body.cache_salt,
             request_id=uuid.uuid4().hex[:12],
             user_start=user_start,
+            api="openai.chat" if isinstance(body, ChatCompletionRequest) else "openai.completions",
         )
         job = Job(params, asyncio.get_running_loop())
         try:
@@ -331,20 +337,23 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
         return await _serve(request, body, lambda: engine.prompt_tokens(body.prompt),
                             chat=False)
 
-    def _model_card() -> dict:
-        return {"id": engine.model_id, "object": "model", "created": engine.created,
+    def _model_card(name: str | None = None) -> dict:
+        return {"id": name or engine.model_id, "object": "model", "created": engine.created,
                 "owned_by": "tiercache"}
 
     @app.get("/v1/models", dependencies=[Depends(require_key)])
     async def models():
-        return {"object": "list", "data": [_model_card()]}
+        return {"object": "list", "data": [_model_card(n) for n in engine.served_names()]}
 
     @app.get("/v1/models/{model_id:path}", dependencies=[Depends(require_key)])
     async def model(model_id: str):
         if not engine.matches_model(model_id):
             raise APIError(404, f"the model {model_id!r} does not exist", "model",
                            "model_not_found")
-        return _model_card()
+        # The model's path or folder name answers with the served id; an alias (or,
+        # without --strict-model-name, any other name) answers as itself.
+        by_path = engine.knows_model(model_id) and model_id not in engine.served_names()
+        return _model_card(None if by_path else model_id)
 
     def _summary(stats: dict | None) -> dict:
         out: dict = {}
@@ -417,4 +426,5 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
         logger.info("cache reset (%s)", tier or "all tiers")
         return {"object": "cache.reset", "tier": tier or "all", "status": "ok"}
 
+    app.include_router(dashboard_router(engine, metrics.recent, require_key))
     return app

@@ -106,6 +106,24 @@ def _choice(options: Sequence[str], upper: bool = False) -> Callable[[str], str]
     return parse
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """Parse ``NAME[,ALIAS...]`` into a tuple of names (empty parts dropped)."""
+    names = tuple(dict.fromkeys(p.strip() for p in str(text).split(",") if p.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError(f"no model name in {text!r}")
+    return names
+
+
+def _switch(text: str) -> bool:
+    """Parse an on/off environment value (the flag itself takes no value)."""
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"invalid switch {text!r} (use 1/0, true/false, yes/no)")
+
+
 def _size_or_none(text: str) -> int | None:
     if str(text).strip().lower() in ("", "none"):
         return None
@@ -136,6 +154,11 @@ class ServerConfig:
         flush_timeout: Seconds to wait for the disk writer at shutdown.
         writer_queue_bytes: Bound on snapshots waiting for the disk writer;
             beyond it the oldest pending writes are dropped (and counted).
+        served_model_name: Names the model is served under: the first is its
+            id in responses and ``/v1/models``, the rest are aliases. Empty:
+            the ``--model`` value (or ``tiercache-demo``).
+        strict_model_name: Answer 404 to a request naming another model;
+            by default any name is served by the one loaded model.
     """
 
     model: str | None = None
@@ -155,6 +178,8 @@ class ServerConfig:
     max_queue: int = 64
     flush_timeout: float = 10.0
     writer_queue_bytes: int = 2 << 30
+    served_model_name: tuple[str, ...] = ()
+    strict_model_name: bool = False
 
 
 # (flag, parser, help). Defaults come from ServerConfig.
@@ -183,6 +208,11 @@ _FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--writer-queue-bytes", parse_size, ("Bound on snapshots waiting for the disk writer; "
                                           "beyond it the oldest pending writes are dropped "
                                           "(counted in /metrics)")),
+    ("--served-model-name", _names, ("Name clients use for the model, then aliases, "
+                                     "comma-separated: NAME[,ALIAS...]; listed by /v1/models")),
+    ("--strict-model-name", _switch, ("Refuse (404) requests naming a model other than the "
+                                      "served name, its aliases or --model; by default any "
+                                      "name is served by the loaded model")),
 ]
 
 
@@ -217,11 +247,14 @@ def build_parser(prog: str = "tiercache-server") -> argparse.ArgumentParser:
         dest = flag.lstrip("-").replace("-", "_")
         default = getattr(defaults, dest)
         shown = "demo model" if dest == "model" else ("None" if default is None else default)
-        if dest == "api_key":
+        if dest in ("api_key", "served_model_name"):
             shown = "None"
+        how = {"action": "store_const", "const": True} if kind is _switch else {"type": kind}
+        if kind is _names:
+            how["metavar"] = "NAMES"
         parser.add_argument(
             flag,
-            type=kind,
+            **how,
             default=None,
             dest=dest,
             help=f"{text} (default: {shown}; env: {env_name(flag)})",

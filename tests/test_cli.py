@@ -81,6 +81,24 @@ def _ls(d, *extra):
 # --- help and docs --------------------------------------------------------------------------
 
 
+def test_docs_agree_on_the_store_path_and_describe_the_folder():
+    # docs/cli.md used ~/.cache/tiercache (the demo model's home, not a store)
+    # while the README served ~/.cache/tiercache/store.
+    readme, cli_md = (ROOT / "README.md").read_text(), (ROOT / "docs" / "cli.md").read_text()
+    helps = "\n".join(main.commands[c].help or "" for c in COMMANDS)
+    verbs = "|".join(COMMANDS)
+    paths = set()
+    for text in (readme, cli_md, helps):
+        paths |= set(re.findall(rf"tiercache (?:{verbs}) (~\S+)", text))
+        paths |= set(re.findall(r"--disk-dir (~\S+)", text))
+    assert paths == {"~/.cache/tiercache/store"}
+    from tiercache.store.layout import BLOCKS_DIR, CHECKPOINTS_DIR, INDEX_DIR
+
+    for text in (readme, cli_md):
+        assert all(f"{d}/" in text for d in (INDEX_DIR, BLOCKS_DIR, CHECKPOINTS_DIR))
+        assert ".venv/bin/tiercache" in text and "source .venv/bin/activate" in text
+
+
 def test_every_command_has_help():
     assert sorted(main.commands) == sorted(COMMANDS)
     res = run("--help")
@@ -173,6 +191,25 @@ def test_show(filled, tiny_llama):
     assert mid["tokens"] == 2 * B and mid["is_end"] is False
     out = run("show", d, row["id"], "--table").stdout
     assert row["id"] in out and chain[0]["id"] in out
+
+
+def test_show_cuts_a_long_text_unless_full(tmp_path, tiny_llama_path, tiny_llama):
+    model, tok = tiny_llama
+    d = tmp_path / "store"
+    long_text = " ".join(TEXTS * 4)  # ~340 characters
+    _, (toks,) = _fill(d, tiny_llama_path, model, tok, texts=[long_text])
+    whole = tok.decode(toks)
+    assert len(whole) > 300
+    rid = next(r["id"] for r in _ls(d) if r["tokens"] == len(toks))
+    short_data = jrun("show", d, rid)
+    assert short_data["text"] == whole[:200]
+    assert short_data["text_chars"] == len(whole) and short_data["text_truncated"] is True
+    full = jrun("show", d, rid, "--full")
+    assert full["text"] == whole and "text_truncated" not in full
+    out = run("show", d, rid, "--table").stdout
+    assert f"the start of {len(whole)} characters; --full prints all" in out
+    assert whole[:40] in out and whole[-40:] not in out
+    assert whole[-40:] in run("show", d, rid, "--table", "--full").stdout.replace("\n", " ")
 
 
 def test_verify_clean(filled):

@@ -127,8 +127,10 @@ def test_disk_longer_than_memory_promotes(tiny_llama, tiny_llama_path, tmp_path)
     cache, rem = tc.fetch_nearest_cache(key, q)
     assert (tc.last_fetch.source, tc.last_fetch.memory_tokens) == ("memory", 40)
     _warm_equals_cold(model, cache, q, rem)
-    # Disk ahead by less than min_promote_tokens (one block): memory wins, no restore.
+    # Disk ahead by 4 tokens: the cost model decides. Reading the 40-token prefix
+    # at 1 MB/s takes longer than computing 4 tokens at 10^6 tokens/s: memory wins.
     tc.insert_cache(key, long[:36], _snap(model, long[:36]))
+    tc.cost_model.set_rates(disk_bytes_per_second=1e6, prefill_tokens_per_second=1e6)
     cache, rem = tc.fetch_nearest_cache(key, q)
     assert (tc.last_fetch.source, tc.last_fetch.memory_tokens) == ("memory", 36)
     assert tc.stats()["disk"]["promotions"] == 1

@@ -190,7 +190,7 @@ def stats(ctx, dir, budget, table):
     tokens stored vs physical tokens (the dedup ratio), oldest/newest access and
     hits (restores served).
 
-    Example: tiercache stats ~/.cache/tiercache --table
+    Example: tiercache stats ~/.cache/tiercache/store --table
     """
     from tiercache.admin import inspect as I
 
@@ -245,7 +245,7 @@ def ls(ctx, dir, namespace, sort, limit, words, table):
     (when the model's tokenizer is found at the path recorded in the store; token
     ids otherwise).
 
-    Example: tiercache ls ~/.cache/tiercache --sort size --limit 20 --table
+    Example: tiercache ls ~/.cache/tiercache/store --sort size --limit 20 --table
     """
     from tiercache.admin import inspect as I
 
@@ -271,18 +271,39 @@ def ls(ctx, dir, namespace, sort, limit, words, table):
     emit(rows, _want_table(ctx, table), render)
 
 
+SHOW_CHARS = 200
+"""Characters of decoded text ``show`` prints unless ``--full``."""
+SHOW_TOKEN_IDS = 50
+"""Token ids ``show`` prints (when the text can't be decoded) unless ``--full``."""
+
+
+def _shorten_text(data: dict) -> None:
+    """Cut ``show``'s text (or token ids) to its start; say how much there is."""
+    if "text" in data:
+        data["text_chars"] = len(data["text"])
+        data["text_truncated"] = len(data["text"]) > SHOW_CHARS
+        data["text"] = data["text"][:SHOW_CHARS]
+    elif "token_ids" in data:
+        data["text_truncated"] = len(data["token_ids"]) > SHOW_TOKEN_IDS
+        data["token_ids"] = data["token_ids"][:SHOW_TOKEN_IDS]
+
+
 @main.command()
 @click.argument("dir")
 @click.argument("id")
+@click.option("--full", is_flag=True, default=False,
+              help=f"Print the whole text (default: the first {SHOW_CHARS} characters).")
 @table_option
 @click.pass_context
-def show(ctx, dir, id, table):
+def show(ctx, dir, id, full, table):
     """Show one stored prefix: its chain of blocks, token count, decoded text (or
     token ids), files, sizes, checksums and the checkpoints along it.
 
     ID is a record id from `ls` (any unique prefix of at least 8 hex digits).
+    The text is cut to its first characters (system prompts run to tens of
+    thousands of tokens) unless --full is given.
 
-    Example: tiercache show ~/.cache/tiercache 3fa2c81d
+    Example: tiercache show ~/.cache/tiercache/store 3fa2c81d
     """
     from tiercache.admin import inspect as I
 
@@ -290,6 +311,8 @@ def show(ctx, dir, id, table):
         view = I.load_view(store)
         rec = I.resolve_id(view, id)
         data = I.prefix_detail(store, view, rec, I.TextDecoder(view))
+    if not full:
+        _shorten_text(data)
 
     def render(d):
         now = time.time()
@@ -307,7 +330,11 @@ def show(ctx, dir, id, table):
         if d["checkpoints"]:
             con.print("other restore points along this chain: "
                       + ", ".join(f"{c['kind']} @{c['position']} {c['id'][:12]}" for c in d["checkpoints"]))
-        con.print("text:" if "text" in d else "token ids:")
+        what = "text" if "text" in d else "token ids"
+        if d.get("text_truncated"):
+            total = f"{d['text_chars']} characters" if "text" in d else f"{d['tokens']} ids"
+            what += f" (the start of {total}; --full prints all)"
+        con.print(what + ":", markup=False)
         con.print(d["text"] if "text" in d else json.dumps(d["token_ids"]), markup=False)
 
     emit(data, _want_table(ctx, table), render)
@@ -362,7 +389,7 @@ def verify(ctx, dir, fix, temp_grace, table):
     Exits 0 when clean, 1 when problems remain (after --fix: when the repair
     could not clear them).
 
-    Example: tiercache verify ~/.cache/tiercache --fix
+    Example: tiercache verify ~/.cache/tiercache/store --fix
     """
     with open_store(dir, write=fix) as store:
         found = _settled(store, store.check(fix=False, temp_grace=temp_grace), temp_grace)
@@ -407,7 +434,7 @@ def evict(ctx, dir, to, namespace, older_than, table):
     --older-than). A block is never evicted while a longer prefix built on it
     stays. Safe while a server uses the store.
 
-    Example: tiercache evict ~/.cache/tiercache --older-than 7d
+    Example: tiercache evict ~/.cache/tiercache/store --older-than 7d
     """
     from tiercache.admin import inspect as I
 
@@ -445,7 +472,7 @@ def clear(ctx, dir, namespace, yes, table):
 
     Namespace descriptions are kept, so a running server keeps working.
 
-    Example: tiercache clear ~/.cache/tiercache --yes
+    Example: tiercache clear ~/.cache/tiercache/store --yes
     """
     with open_store(dir, write=True) as store:
         view, ns = _view_and_ns(store, namespace)
@@ -474,7 +501,7 @@ def export_cmd(ctx, dir, id, out, table):
     mlx_lm.models.cache.load_prompt_cache reads it; the file's metadata carries
     the token ids, the namespace and the tiercache format.
 
-    Example: tiercache export ~/.cache/tiercache 3fa2c81d prompt.safetensors
+    Example: tiercache export ~/.cache/tiercache/store 3fa2c81d prompt.safetensors
     """
     from tiercache.admin.interop import export_mlx_lm
 
@@ -504,7 +531,7 @@ def import_cmd(ctx, dir, file, model, tokens, block_size, table):
     Only mlx-lm cache classes on tiercache's allow-list are ever built from the
     file. Creates DIR as a new store if it doesn't exist.
 
-    Example: tiercache import ~/.cache/tiercache prompt.safetensors --model ./demo-model
+    Example: tiercache import ~/.cache/tiercache/store prompt.safetensors --model ./demo-model
     """
     from tiercache.admin.interop import import_mlx_lm
 
@@ -543,7 +570,7 @@ def warm(ctx, dir, model_path, prompts, prefill_step_size, block_size, disk_byte
     chunking, so restores are exact for hybrid models too) and saved. A request
     for the prompt then restores all but its last token from disk.
 
-    Example: tiercache warm ~/.cache/tiercache --model ./demo-model --prompts prompts.jsonl
+    Example: tiercache warm ~/.cache/tiercache/store --model ./demo-model --prompts prompts.jsonl
     """
     import mlx.core as mx
     import mlx_lm

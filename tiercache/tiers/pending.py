@@ -41,6 +41,11 @@ class PendingHit:
     job: WriteJob
     n_tokens: int
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of KV a restore copies (the snapshot's bytes, pro rata)."""
+        return self.job.nbytes * self.n_tokens // max(1, len(self.job.tokens))
+
 
 def common_prefix(a: tuple, b: tuple) -> int:
     """Return the length of the common prefix of two token tuples."""

@@ -6,9 +6,10 @@
 * Pending tier: :class:`tiercache.tiers.pending.PendingTier`, the snapshots the
   writer holds but has not committed yet (their host buffers), searched like memory.
 * A lookup takes the memory result, asks the pending tier and the disk for a longer
-  prefix, and restores the longest when it offers at least ``min_promote_tokens``
-  more (any hit counts when memory has nothing); the restored snapshot is promoted
-  into memory.
+  prefix, and restores the longer one when reading it is expected to take less time
+  than computing the tokens memory lacks
+  (:class:`tiercache.tiers.costmodel.PromotionCostModel`; any hit counts when memory
+  has nothing); the restored snapshot is promoted into memory.
 * ``write_policy="through"`` persists every insert (dedup makes that cheap, and an
   eviction then costs nothing); ``"back"`` persists only what memory evicts.
 
@@ -36,6 +37,7 @@ from ..store import layers as L
 from ..store.disk import DiskStore
 from ..store.restore import RestoreError
 from ..store.hashing import Namespace, salt_bytes
+from .costmodel import PromotionCostModel
 from .memory import MemoryPromptCache
 from .pending import PendingTier
 from ..store.namespaces import cache_arrays, key_fingerprint, model_namespace
@@ -44,6 +46,8 @@ from .writer import BackgroundWriter, WriteJob
 log = logging.getLogger("tiercache")
 
 WRITE_POLICIES = ("through", "back")
+UNLIMITED_BYTES = 1 << 63
+"""A memory budget this large (mlx-lm's default) is no budget."""
 
 
 @dataclass
@@ -103,8 +107,10 @@ class TieredPromptCache:
         prewarm_bytes: after :meth:`register_model`, restore up to this many bytes of
             the model's most recently used snapshots into memory on a background
             thread, so the first requests after a restart are memory hits.
-        min_promote_tokens: disk must beat memory by this many tokens to be used
-            (default: one block).
+        cost_model: decides between a memory prefix and a longer disk one from
+            measured restore and prefill rates (default: a fresh
+            :class:`~tiercache.tiers.costmodel.PromotionCostModel`). Feed it real
+            prefill timings with :meth:`observe_prefill`.
         writer_queue_bytes: bound on snapshots waiting for the writer; beyond it the
             oldest pending writes are dropped and counted.
         handover: give trimmable memory entries to the caller instead of cloning
@@ -119,14 +125,14 @@ class TieredPromptCache:
     def __init__(
         self,
         max_size: int = 10,
-        max_bytes: int = 1 << 63,
+        max_bytes: int = UNLIMITED_BYTES,
         *,
         disk_dir=None,
         disk_bytes: int | None = None,
         block_size: int | None = None,
         write_policy: str = "through",
         prewarm_bytes: int = 0,
-        min_promote_tokens: int | None = None,
+        cost_model: PromotionCostModel | None = None,
         writer_queue_bytes: int = 2 << 30,
         handover: bool = True,
         keep_promoted: bool = True,
@@ -149,8 +155,7 @@ class TieredPromptCache:
                 self._write, max_queue_bytes=writer_queue_bytes, idle=self.disk.flush_touches
             )
             self.pending = PendingTier(self.writer)
-        bs = self.disk.block_size if self.disk else block_size
-        self.min_promote_tokens = bs if min_promote_tokens is None else min_promote_tokens
+        self.cost_model = cost_model if cost_model is not None else PromotionCostModel()
         self._ns_lock = threading.Lock()
         self._ns_by_key: dict[Hashable, Namespace] = {}
         self._files_fp: dict[Hashable, tuple | None] = {}
@@ -273,8 +278,6 @@ class TieredPromptCache:
         sb = salt_bytes(salt)
         hit = self.memory.fetch((model, sb), tokens, limit=limit, handover=self.handover)
         mem_n = hit.n_tokens if hit else 0
-        # The other tiers are asked only when they could win: beat memory by
-        # min_promote_tokens (any hit counts when memory has nothing).
         pend, plans = None, []
         cache, n, dt, source = None, 0, 0.0, None
         # Pending and disk tiers are best effort: an LMDB error, a closed store
@@ -282,11 +285,7 @@ class TieredPromptCache:
         # never raise into the generation thread, nor lose the memory entry that
         # may already have been handed over above. Any failure is a miss.
         try:
-            if (
-                self.disk is not None
-                and not self._closed
-                and (mem_n == 0 or limit - mem_n >= max(1, self.min_promote_tokens))
-            ):
+            if self.disk is not None and not self._closed and limit > mem_n:
                 namespaces = self._namespaces(model)
                 # Pending jobs first: one committed after this call is on disk below.
                 pend = self.pending.find(namespaces, sb, tokens, limit) if namespaces else None
@@ -295,13 +294,22 @@ class TieredPromptCache:
                     if plan.n_tokens:
                         plans.append(plan)
             pend_n = pend.n_tokens if pend is not None else 0
-            disk_best = max((p.n_tokens for p in plans), default=0)
-            if disk_best > max(mem_n, pend_n) and self._beats_memory(disk_best, mem_n):
+            best = max(plans, key=lambda p: p.n_tokens, default=None)
+            best_bytes = sum(r.nbytes for r in best.records) if best is not None else 0
+            if (
+                best is not None
+                and best.n_tokens > pend_n
+                and self.cost_model.prefer_disk(mem_n, best.n_tokens, best_bytes)
+            ):
                 t0 = time.perf_counter()
                 cache, n = self._restore(plans, tokens, sb, limit)
                 dt = time.perf_counter() - t0
                 source = "disk"
-            if pend_n > max(mem_n, n) and self._beats_memory(pend_n, mem_n):
+                if n == best.n_tokens:  # a fallback after a bad file read other files
+                    self.cost_model.observe_restore(best_bytes, dt)
+            # A pending snapshot is copied from host memory: judged as a disk read of
+            # its bytes (conservative), it is used when it beats memory and the disk.
+            if pend_n > n and self.cost_model.prefer_disk(mem_n, pend_n, pend.nbytes):
                 cache, n, source = self.pending.restore(pend), pend_n, "pending"
         except Exception as e:
             log.warning("disk lookup failed (serving from memory): %s", e)
@@ -325,8 +333,13 @@ class TieredPromptCache:
         info.memory_tokens = mem_n
         return hit.prompt_cache, list(tokens[mem_n:])
 
-    def _beats_memory(self, n: int, mem_n: int) -> bool:
-        return mem_n == 0 or n - mem_n >= self.min_promote_tokens
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        """Report a prefill of ``tokens`` tokens that took ``seconds``.
+
+        Keeps the cost model's prefill rate (which weighs a longer disk prefix
+        against computing the tokens memory lacks) true to the model and machine.
+        """
+        self.cost_model.observe_prefill(tokens, seconds)
 
     def _restore(self, plans, tokens, salt, limit):
         """Restores the longest plan; a bad file makes the store fall back itself."""
@@ -434,7 +447,8 @@ class TieredPromptCache:
             "memory": {
                 "entries": len(self.memory),
                 "bytes": self.memory.nbytes,
-                "budget_bytes": self.memory.max_bytes,
+                # 1 << 63 (mlx-lm's default) means no budget: say so, not a 19-digit number.
+                "budget_bytes": self.memory.max_bytes if self.memory.max_bytes < UNLIMITED_BYTES else None,
                 "hits": m["hits"],
                 "hit_tokens": m["hit_tokens"],
                 "evictions": m["evictions"],
@@ -462,6 +476,7 @@ class TieredPromptCache:
                 "restore_seconds": self.counters["restore_seconds"],
                 "bytes_written": d["bytes_written"],
                 "records_written": d["records_written"],
+                "cost_model": self.cost_model.snapshot(),
             }
             out["pending"] = self.pending.stats()
             out["writer"] = {
@@ -531,10 +546,12 @@ class TieredPromptCache:
                 if self._closed or done >= budget:
                     break
                 try:
+                    t0 = time.perf_counter()
                     cache = self.disk.restore(snap.plan)
                 except RestoreError:
                     continue
                 mx.eval(list(cache_arrays(cache)))
+                self.cost_model.observe_restore(snap.nbytes, time.perf_counter() - t0)
                 nbytes = sum(c.nbytes for c in cache)
                 if done + nbytes > budget or self.memory.nbytes + nbytes > self.memory.max_bytes:
                     continue
