@@ -378,13 +378,14 @@ class Engine:
         prompt_cache, rest = found.prompt_cache, list(found.rest)
         cached = found.cached_tokens if prompt_cache is not None else 0
         memory, disk = found.memory_tokens, found.disk_tokens
+        pending = found.pending_tokens
         if prompt_cache is None:
             prompt_cache = make_prompt_cache(self.model)
             rest = tokens
         t_fetched, n_prefill = time.perf_counter(), len(rest)
         if self.metrics is not None:
             self.metrics.observe_fetch(len(tokens), memory, disk, restore_s,
-                                       remote=found.tokens_by_tier.get("remote", 0))
+                                       remote=found.remote_tokens, pending=pending)
         usage = {
             "prompt_tokens": len(tokens),
             "completion_tokens": 0,
@@ -397,6 +398,8 @@ class Engine:
                 **{f"{tier}_tokens": n for tier, n in found.tokens_by_tier.items()},
             },
         }
+        if getattr(self.cache, "disk", None) is not None:  # always shown with a disk tier
+            usage["prompt_tokens_details"].setdefault("pending_tokens", 0)
         if getattr(self.cache, "remote", None) is not None:  # always shown with a remote tier
             usage["prompt_tokens_details"].setdefault("remote_tokens", 0)
         emit(("start", usage))

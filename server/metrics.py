@@ -37,6 +37,8 @@ _TIER_COUNTERS = {
     "corrupt_records": "Damaged disk records found (and skipped) on restore",
     "writer_errors": "Disk writes that failed with an error",
     "written": "Snapshots written to disk",
+    "hit_tokens": "Prompt tokens served by the tier",
+    "bytes_written": "Bytes of block and checkpoint files written to the disk tier",
 }
 _REMOTE_COUNTERS = {
     "lookups": "Remote-tier lookups",
@@ -83,7 +85,7 @@ class _CacheCollector:
             for k, doc in _TIER_GAUGES.items()
         }
         writer = stats.get("writer") if isinstance(stats.get("writer"), dict) else {}
-        for tier in ("memory", "disk"):
+        for tier in ("memory", "pending", "disk"):
             tier_stats = stats.get(tier)
             if tier == "disk" and isinstance(tier_stats, dict) and writer:
                 tier_stats = dict(tier_stats)
@@ -200,7 +202,7 @@ class Metrics:
             ["tier"],
             registry=r,
         )
-        for tier in ("memory", "disk", "remote"):
+        for tier in ("memory", "pending", "disk", "remote"):
             self.hit_tokens.labels(tier=tier)
         self.requests = Counter(
             "tiercache_requests",
@@ -236,7 +238,7 @@ class Metrics:
         self.recent = RecentRequests()
 
     def observe_fetch(self, queried: int, memory: int, disk: int, seconds: float,
-                      remote: int = 0) -> None:
+                      remote: int = 0, pending: int = 0) -> None:
         """Record one prefix lookup.
 
         Args:
@@ -245,15 +247,20 @@ class Metrics:
             disk: Tokens served from disk.
             seconds: Time the lookup (and restore) took.
             remote: Tokens restored from the remote tier.
+            pending: Tokens copied from a snapshot the disk writer had not
+                committed yet (the pending tier).
         """
         self.query_tokens.inc(queried)
         if memory:
             self.hit_tokens.labels(tier="memory").inc(memory)
+        if pending:
+            self.hit_tokens.labels(tier="pending").inc(pending)
         if disk:
             self.hit_tokens.labels(tier="disk").inc(disk)
         if remote:
             self.hit_tokens.labels(tier="remote").inc(remote)
-        tier = "remote" if remote else "disk" if disk else ("memory" if memory else "miss")
+        tier = ("remote" if remote else "disk" if disk else "pending" if pending
+                else "memory" if memory else "miss")
         self.restore.labels(tier=tier).observe(seconds)
 
     def render(self) -> bytes:

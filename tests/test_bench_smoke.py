@@ -71,3 +71,28 @@ def test_http_peer_smoke(tmp_path, tiny_llama_path):
     data = _load(tmp_path, "http_peer")
     assert set(data["servers"]) == {"mlx_lm.server", "tiercache-server"}
     assert all(len(v["rows"]) == 2 for v in data["servers"].values())
+
+
+def test_write_amp_smoke(tmp_path, tiny_llama_path):
+    from tiercache.tools.bench import write_amp
+
+    write_amp.main(["--out", str(tmp_path), "--quick", "--preset", "tiny-llama",
+                    "--model-dir", str(tiny_llama_path.parent), "--block-size", "16"])
+    data = _load(tmp_path, "write_amp-quick")
+    rows = data["rows"]
+    assert len(rows) == data["trace"]["sessions"] * data["trace"]["turns"]
+    assert data["bytes_written_total"] == sum(r["bytes_written"] for r in rows) > 0
+    # Every new token's KV reaches the disk at least once; shared prefixes are not rewritten.
+    assert data["write_amplification"] >= 1.0
+    assert rows[0]["new_tokens"] == rows[0]["snapshot_tokens"]
+    assert all(r["new_tokens"] < r["snapshot_tokens"] for r in rows[1:])
+
+
+def test_scale_bench_smoke(tmp_path):
+    from tiercache.tools.bench import scale_bench
+
+    scale_bench.main(["--sizes", "300,600", "--repeats", "3", "--out", str(tmp_path)])
+    data = _load(tmp_path, "scale_bench")
+    assert [s["evicted_per_call"] for s in data["stages"]] == [5, 5]
+    assert data["stages"][1]["records"] > data["stages"][0]["records"]
+    assert data["start"]["tokens"] == scale_bench.HIT_TOKENS

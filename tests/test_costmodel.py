@@ -144,7 +144,7 @@ def test_warm_restart_serves_the_disk_prefix_memory_lacks(tiny_llama_path, tmp_p
     try:
         _complete(client, a)  # memory now holds a, which shares b's first token
         details = _complete(client, b)
-        assert details == {"cached_tokens": 9, "memory_tokens": 0, "disk_tokens": 9}
+        assert details == {"cached_tokens": 9, "memory_tokens": 0, "disk_tokens": 9, "pending_tokens": 0}
         # The server reports its prefill timings to the cost model.
         cost = client.get("/v1/cache/stats").json()["tiers"]["disk"]["cost_model"]
         assert cost["prefill_tokens_per_second"] != DEFAULT_PREFILL_TOKENS_PER_SECOND

@@ -21,11 +21,7 @@ LAYERS = [
     ("tiercache.server", 4), ("tiercache.tools", 4),
 ]
 # Upward imports still to remove, each with the branch that removes it.
-KNOWN_UPWARD = {
-    # prewarm reads the store through the CLI's read side; issue-12 gives the
-    # store recent_snapshots() for it.
-    ("tiercache.tiers.tiered", "tiercache.admin.inspect"),
-}
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, Path]:
@@ -115,7 +111,7 @@ def test_graph_sees_the_packages():
     assert "tiercache.store.disk" in graph["tiercache.tiers.tiered"]
     assert "tiercache.settings" in graph["tiercache.server.config"]
     assert "tiercache.store.layers" in graph["tiercache.store.restore"]  # `from . import layers`
-    assert "tiercache.admin.inspect" in graph["tiercache.tiers.tiered"]  # inside a function
+    assert "tiercache.server.app" in graph["tiercache.server.cli"]  # inside a function
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 

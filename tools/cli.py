@@ -354,7 +354,6 @@ _RECORD_PROBLEMS = {"missing_file", "size_mismatch", "checksum_mismatch", "dangl
 def _settled(store, problems, temp_grace: float):
     """Drops what a concurrent writer explains: a file renamed into place whose
     record isn't committed yet (younger than the grace), or a record evicted since."""
-    import lmdb  # noqa: F401
 
     now = time.time()
     out = []
@@ -378,7 +377,7 @@ def _settled(store, problems, temp_grace: float):
                     rid = bytes.fromhex(p.target)
                 except ValueError:
                     rid = None
-                if rid is not None and txn.get(rid, db=store.index.records) is None:
+                if rid is not None and not store.index.has(txn, rid):
                     continue
             out.append(p)
     return out
@@ -596,6 +595,8 @@ def warm(ctx, dir, model_path, prompts, prefill_step_size, block_size, disk_byte
 
     from tiercache.store.namespaces import model_namespace
 
+    if disk_bytes == 0:  # one meaning everywhere: the server refuses 0 the same way
+        raise click.BadParameter("must be greater than 0 (omit it for no budget)", param_hint="--disk-bytes")
     items = read_prompts(prompts)
     t0 = time.time()
     model, tokenizer = mlx_lm.load(model_path)

@@ -4,7 +4,8 @@ Problems found: leftover temp files, orphan files (no record), symlinks where fi
 should be, records whose file is missing, has the wrong size or fails its checksum,
 undecodable records, tensors that don't fit their namespace's cache geometry
 (head count, head size, dtype), records whose parent block is gone, child links pointing to
-nothing, records missing their child link, and drift of the byte counter.
+nothing, records missing their child link, a stale eviction order, and drift of the byte
+counter.
 ``fix=True`` repairs all of them, so a second ``check()`` returns nothing.
 """
 
@@ -19,7 +20,7 @@ from . import layers as L
 from .blockfile import TEMP_MARK, BlockFileError, HashingReader, list_files
 from .hashing import checkpoint_id, next_hash, unpack_tokens
 from .layout import BLOCKS_DIR, CHECKPOINTS_DIR
-from .index import KIND_BLOCK, KIND_NAMES, Index, Record
+from .index import KIND_BLOCK, KIND_NAMES, Index, Record, evict_key
 
 
 @dataclass
@@ -33,7 +34,8 @@ class Problem:
             ``geometry_mismatch`` (tensors of another shape than the namespace's
             recorded cache geometry), ``dangling_parent``,
             ``dangling_child``, ``missing_link``, ``prefix_link``
-            (first-token index entry stale or missing) or ``byte_drift``.
+            (first-token index entry stale or missing), ``evict_order``
+            (eviction-order entries stale or missing) or ``byte_drift``.
         target: the file path or record id (hex) concerned.
         detail: a human-readable explanation.
     """
@@ -107,13 +109,14 @@ def check_store(store, fix: bool = False, temp_grace: float = 60.0) -> list[Prob
     """
     store.flush_touches()
     problems: list[Problem] = []
-    recs, bad_keys, links, first_links, total = _snapshot(store.index, problems)
+    recs, bad_keys, links, first_links, evict_keys, total = _snapshot(store.index, problems)
     on_disk, junk = _scan_files(store, temp_grace, problems)
     remove = _judge_records(store, recs, on_disk, problems)
     orphans = _settle(store, recs, problems, list(on_disk.values()), temp_grace)
     for p in orphans:
         problems.append(Problem("orphan_file", str(p), "file has no record"))
-    _judge_links(recs, links, first_links, total, problems)
+    _judge_links(recs, links, first_links, evict_keys, store.index.evictable is not None, total,
+                 problems)
     if fix and problems:
         _repair(store, {rid: recs[rid] for rid in remove}, bad_keys, orphans, junk, temp_grace)
     return problems
@@ -125,18 +128,17 @@ def _snapshot(ix, problems: list[Problem]):
     recs: dict[bytes, Record] = {}
     bad_keys: list[bytes] = []
     with ix.read() as txn:
-        for rid, raw in ix.iter_records(txn):
-            try:
-                recs[rid] = Record.decode(rid, raw)
-            except ValueError:
+        for rid, rec in ix.scan(txn):
+            if rec is not None:
+                recs[rid] = rec
+            else:
                 problems.append(Problem("bad_record", rid.hex(), "record cannot be decoded"))
                 bad_keys.append(rid)
-        cur = txn.cursor(db=ix.children)
-        links = [(bytes(p), bytes(c)) for p, c in cur.iternext(keys=True, values=True)]
-        cur = txn.cursor(db=ix.firsttok)
-        first_links = {(bytes(k), bytes(c)) for k, c in cur.iternext(keys=True, values=True)}
+        links = list(ix.child_links(txn))
+        first_links = set(ix.first_token_links(txn))
+        evict_keys = ix.evictable_keys(txn)
         total = ix.total_bytes(txn)
-    return recs, bad_keys, links, first_links, total
+    return recs, bad_keys, links, first_links, evict_keys, total
 
 
 def _scan_files(store, temp_grace: float, problems: list[Problem]) -> tuple[dict[str, Path], list[Path]]:
@@ -191,7 +193,7 @@ def _judge_records(store, recs, on_disk, problems) -> dict[bytes, str]:
     return remove
 
 
-def _judge_links(recs, links, first_links, total, problems) -> None:
+def _judge_links(recs, links, first_links, evict_keys, evictable, total, problems) -> None:
     """Child links, first-token links and the byte counter against the records."""
     link_set = set(links)
     for parent, child in links:
@@ -206,6 +208,13 @@ def _judge_links(recs, links, first_links, total, problems) -> None:
         problems.append(Problem("prefix_link", child.hex(), "first-token link to nothing"))
     for key, child in sorted(want_first - first_links):
         problems.append(Problem("prefix_link", child.hex(), "record missing its first-token link"))
+
+    parents = {parent for parent, child in links if child in recs}
+    want_evict = {evict_key(rec) for rid, rec in recs.items() if rid not in parents}
+    if evictable and want_evict != evict_keys:
+        problems.append(Problem("evict_order", "evictable",
+                                f"{len(evict_keys ^ want_evict)} eviction-order entries stale or missing"))
+
     expected = sum(r.nbytes for r in recs.values())
     if expected != total:
         problems.append(Problem("byte_drift", "total_bytes", f"counter {total} != records {expected}"))
@@ -256,7 +265,7 @@ def _indexed(ix, txn, path: Path) -> bool:
         rid = bytes.fromhex(path.name.split(".")[0])
     except ValueError:
         return False
-    return txn.get(rid, db=ix.records) is not None
+    return bool(rid) and ix.has(txn, rid)
 
 
 def _young(path: Path, now: float, grace: float) -> bool:
@@ -299,25 +308,21 @@ def _repair(store, remove: dict[bytes, Record], bad_keys, orphans, junk, temp_gr
     def fn(txn):
         removed = []
         for rid in bad_keys:
-            raw = txn.get(rid, db=ix.records)
-            if raw is not None and ix.get(txn, rid) is None:
-                txn.delete(rid, db=ix.records)
+            if ix.has(txn, rid) and ix.get(txn, rid) is None:
+                ix.delete_raw(txn, rid)
         for rid, rec in remove.items():
             if _same(ix.get(txn, rid), rec):
-                txn.delete(rid, db=ix.records)
+                ix.delete_raw(txn, rid)
                 removed.append(rec)
-        current = {}
-        for rid, raw in ix.iter_records(txn):
-            try:
-                current[rid] = Record.decode(rid, raw)
-            except ValueError:
-                continue
+        current = {rid: rec for rid, rec in ix.scan(txn) if rec is not None}
         for rid, rec in sorted(current.items(), key=lambda kv: kv[1].position):
             parent = current.get(rec.parent)
             if rec.start and (parent is None or parent.kind != KIND_BLOCK):
-                txn.delete(rid, db=ix.records)
+                ix.delete_raw(txn, rid)
                 removed.append(current.pop(rid))
-        _rebuild_derived(ix, txn, current)
+        # Child links, first-token links, the eviction order and the byte counter
+        # are derived: rebuild them from the records this transaction sees.
+        ix.rebuild_from(txn, current)
         for p in orphans:
             if not _indexed(ix, txn, p):
                 _reap(p, temp_grace)
@@ -338,13 +343,3 @@ def _repair(store, remove: dict[bytes, Record], bad_keys, orphans, junk, temp_gr
         except FileNotFoundError:
             pass
 
-
-def _rebuild_derived(ix, txn, current: dict[bytes, Record]) -> None:
-    """Rebuild the child links, first-token links and byte counter from records."""
-    txn.drop(ix.children, delete=False)
-    txn.drop(ix.firsttok, delete=False)
-    for rid, rec in current.items():
-        txn.put(rec.parent, rid, db=ix.children, dupdata=True)
-        if rec.tokens:
-            txn.put(Index.firsttok_key(rec), rid, db=ix.firsttok, dupdata=True)
-    ix.set_total(txn, sum(r.nbytes for r in current.values()))

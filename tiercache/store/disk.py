@@ -13,7 +13,6 @@ the files straight into MLX buffers and verifies every checksum, and
 
 from __future__ import annotations
 
-import heapq
 import json
 import logging
 import os
@@ -46,8 +45,9 @@ from .hashing import (
     pack_tokens,
     packed_block_hashes,
 )
-from .index import KIND_BLOCK, KIND_CHECKPOINT, KIND_TAIL, Index, IndexError_, Record
+from .index import INDEX_LAYOUT, KIND_BLOCK, KIND_CHECKPOINT, KIND_TAIL, Index, IndexError_, Record
 from .lookup import RestorePlan, find_longest_prefix
+from .recent import StoredSnapshot, recent_snapshots
 from .restore import RestoreError, read_plan
 from .check import check_store
 from .layout import BLOCKS_DIR, CHECKPOINTS_DIR, DEFAULT_BLOCK_SIZE, INDEX_DIR
@@ -130,6 +130,8 @@ class DiskStore:
             raise StoreError(str(e)) from None
         try:
             self.block_size = self._check_format(block_size)
+            if not readonly and self.index.migrate():
+                log.info("migrated the index of %s to layout %d", self.path, INDEX_LAYOUT)
         except BaseException:
             self.index.close()
             raise
@@ -140,7 +142,13 @@ class DiskStore:
         self._touch_lock = threading.Lock()
         self._touches: dict[bytes, list] = {}
         self._save_lock = threading.Lock()
-        self.counters = {"corrupt_records": 0, "evicted_records": 0, "evicted_bytes": 0}
+        self.counters = {
+            "corrupt_records": 0,
+            "evicted_records": 0,
+            "evicted_bytes": 0,
+            "bytes_written": 0,
+            "records_written": 0,
+        }
         self._closed = False
 
     # --- settings ---------------------------------------------------------------------
@@ -262,7 +270,7 @@ class DiskStore:
         key = f"{real}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}".encode()
         try:
             with self.index.read() as txn:
-                known = txn.get(key, db=self.index.filehash)
+                known = self.index.get_file_digest(txn, key)
         except Exception:  # a store created before this sub-database: just hash
             known = None
         if known is not None and len(known) == 16:
@@ -270,7 +278,7 @@ class DiskStore:
         digest = file_digest(Path(real))
         if not self.readonly:
             try:
-                self.index.write(lambda txn: txn.put(key, digest, db=self.index.filehash))
+                self.index.write(lambda txn: self.index.put_file_digest(txn, key, digest))
             except Exception as e:  # remembering is an optimisation only
                 log.debug("could not remember a file digest: %s", e)
         return digest
@@ -429,7 +437,7 @@ class DiskStore:
                 elif self.index.insert(txn, r):
                     added.append(r)
             # A dropped id another writer stored meanwhile owns its (identical) file.
-            return added, [r for r in dropped if txn.get(r.id, db=self.index.records) is None]
+            return added, [r for r in dropped if not self.index.has(txn, r.id)]
 
         added, dropped = self.index.write(fn)
         if dropped:
@@ -441,6 +449,8 @@ class DiskStore:
                 pass
         result.records_written += len(added)
         result.bytes_written += sum(r.nbytes for r in added)
+        self.counters["records_written"] += len(added)
+        self.counters["bytes_written"] += sum(r.nbytes for r in added)
         result.written.extend(added)
 
     def adopt_records(self, ns: Namespace, items: Sequence[tuple[Record, bytes]]) -> SaveResult:
@@ -614,47 +624,30 @@ class DiskStore:
         return removed
 
     def eviction_order(self) -> list[Record]:
-        """Every record in the order eviction would take them: LRU among leaves."""
+        """Every record in the order eviction would take them: LRU among leaves.
+
+        Runs the real eviction in a transaction that is then aborted.
+        """
         self.flush_touches()
-        with self.index.read() as txn:
-            recs = {}
-            for rid, raw in self.index.iter_records(txn):
-                try:
-                    recs[rid] = Record.decode(rid, raw)
-                except ValueError:
-                    continue
-        n_children: dict[bytes, int] = {}
-        for r in recs.values():
-            n_children[r.parent] = n_children.get(r.parent, 0) + 1
-        # Deeper first on equal times so a snapshot's own chain goes leaf to root.
-        heap = [(r.last_access, -r.position, r.id) for r in recs.values() if not n_children.get(r.id)]
-        heapq.heapify(heap)
-        order = []
-        while heap:
-            _, _, rid = heapq.heappop(heap)
-            rec = recs[rid]
-            order.append(rec)
-            p = rec.parent
-            if p in n_children:
-                n_children[p] -= 1
-                if n_children[p] == 0 and p in recs:
-                    pr = recs[p]
-                    heapq.heappush(heap, (pr.last_access, -pr.position, p))
-        return order
+        return self.index.dry_run(lambda txn: self.index.evict_lru(txn, -1))
 
     def evict_to(self, target_bytes: int) -> list[Record]:
-        """Evicts least recently used leaves until stored bytes <= target."""
+        """Evicts least recently used leaves until stored bytes <= target.
+
+        Victims are chosen and removed in one transaction, reading only the first
+        keys of the index's eviction order: the cost grows with what is evicted,
+        not with the size of the store.
+        """
         with self.index.read() as txn:
-            total = self.index.total_bytes(txn)
-        if total <= target_bytes:
-            return []
-        victims = []
-        for rec in self.eviction_order():
-            if total <= target_bytes:
-                break
-            victims.append(rec.id)
-            total -= rec.nbytes
-        removed = self.remove_records(victims)
+            if self.index.total_bytes(txn) <= target_bytes:
+                return []
+        self.flush_touches()  # exact LRU: queued access times count
+        removed = self.index.write(lambda txn: self.index.evict_lru(txn, target_bytes))
+        for rec in removed:
+            try:
+                self.file_path(rec).unlink()
+            except FileNotFoundError:
+                pass
         self.counters["evicted_records"] += len(removed)
         self.counters["evicted_bytes"] += sum(r.nbytes for r in removed)
         return removed
@@ -662,17 +655,36 @@ class DiskStore:
     def clear(self, namespace: bytes | None = None) -> int:
         """Removes every record (of one namespace). Returns how many."""
         with self.index.read() as txn:
-            ids = []
-            for rid, raw in self.index.iter_records(txn):
-                if namespace is None:
-                    ids.append(rid)
-                    continue
-                try:
-                    if Record.decode(rid, raw).namespace == namespace:
-                        ids.append(rid)
-                except ValueError:
-                    ids.append(rid)
+            ids = [
+                rid
+                for rid, rec in self.index.scan(txn)
+                if namespace is None or rec is None or rec.namespace == namespace
+            ]
         return len(self.remove_records(ids))
+
+    # --- prewarm -----------------------------------------------------------------------
+
+    def recent_snapshots(
+        self, namespace: bytes, budget: int, salt: str | bytes | None = None
+    ) -> list[StoredSnapshot]:
+        """The most recently used snapshots of a namespace, newest first, within
+        ``budget`` bytes of files; see :func:`tiercache.store.recent.recent_snapshots`."""
+        with self.index.read() as txn:
+            return recent_snapshots(
+                self.index, txn, namespace, self.layer_desc(namespace), self.block_size, budget, salt
+            )
+
+    # --- budget record ------------------------------------------------------------------
+
+    def record_budget(self) -> None:
+        """Remembers this store's budget in the index, for ``tiercache stats``."""
+        if not self.readonly:
+            self.index.write(lambda txn: self.index.put_budget(txn, self.disk_bytes))
+
+    def recorded_budget(self) -> int | None:
+        """The budget the last process that serves from this store set (None: unlimited)."""
+        with self.index.read() as txn:
+            return self.index.get_budget(txn)
 
     # --- stats and maintenance ----------------------------------------------------------
 
@@ -682,7 +694,7 @@ class DiskStore:
 
     def n_records(self) -> int:
         with self.index.read() as txn:
-            return txn.stat(self.index.records)["entries"]
+            return self.index.n_records(txn)
 
     def stats(self) -> dict:
         """Cheap summary: records, bytes, budget (no scan)."""

@@ -25,7 +25,7 @@ import numpy as np
 from mlx_lm.models import cache as mlc
 
 from ..errors import TiercacheError
-from .blockfile import as_numpy, dtype_name
+from .blockfile import as_numpy, dtype_name, mx_dtype
 
 SPLITTABLE = ("KVCache", "QuantizedKVCache", "ConcatenateKVCache")
 
@@ -105,6 +105,40 @@ def to_host(prompt_cache: list) -> list[HostLayer]:
         arrays = {name: (dt, np.array(v, copy=False)) for name, dt, v in handles}
         result.append(HostLayer(d, off, arrays, meta))
     return result
+
+
+def from_host(host: list[HostLayer], n_tokens: int) -> list:
+    """Rebuilds mlx-lm cache objects from :func:`to_host` views, holding ``n_tokens``.
+
+    The inverse of ``to_host`` followed by a restore of the first ``n_tokens``
+    tokens: splittable layers get their first ``n_tokens`` rows copied into new
+    buffers rounded up to :data:`ROW_STEP` rows (zeros after), exactly as a disk
+    restore builds them; checkpoint layers are rebuilt whole, so ``n_tokens``
+    must then be the length the snapshot holds. Runs on the MLX thread; the views
+    are only read, so the writer may read them at the same time.
+    """
+    n_alloc = -(-n_tokens // ROW_STEP) * ROW_STEP
+    cache: list = []
+    for h in host:
+        if not is_splittable(h.desc):
+            tensors = {name: _host_to_mx(dt, v) for name, (dt, v) in h.arrays.items()}
+            cache.append(decode_state(h.meta, tensors))
+            continue
+        rows = n_tokens if h.desc["class"] == "ConcatenateKVCache" else n_alloc
+        arrays = {}
+        for suffix, (dt, v) in h.arrays.items():
+            dest = mx.empty((v.shape[0], v.shape[1], rows, v.shape[3]), dtype=mx_dtype(dt))
+            view = as_numpy(dest)
+            view[:, :, :n_tokens] = v[:, :, :n_tokens]
+            view[:, :, n_tokens:] = 0  # never expose stale allocator memory
+            arrays[suffix] = dest
+        cache.append(build_splittable(h.desc, arrays, n_tokens))
+    return cache
+
+
+def _host_to_mx(dt: str, v: np.ndarray) -> mx.array:
+    a = mx.array(v)
+    return a.view(mx.bfloat16) if mx_dtype(dt) == mx.bfloat16 else a
 
 
 def _class_name(layer: Any) -> str:

@@ -3,10 +3,13 @@
 * Memory tier: :class:`tiercache.tiers.memory.MemoryPromptCache` under ``max_bytes``.
 * Disk tier: :class:`tiercache.store.disk.DiskStore` under ``disk_bytes``, written by a
   :class:`tiercache.tiers.writer.BackgroundWriter` so the generation thread never waits.
-* A lookup takes the memory result, asks the disk for a longer prefix, and restores
-  from disk when reading it is expected to take less time than computing the tokens
-  memory lacks (:class:`tiercache.tiers.costmodel.PromotionCostModel`; any disk hit
-  counts when memory has nothing); the restored snapshot is promoted into memory.
+* Pending tier: :class:`tiercache.tiers.pending.PendingTier`, the snapshots the
+  writer holds but has not committed yet (their host buffers), searched like memory.
+* A lookup takes the memory result, asks the pending tier and the disk for a longer
+  prefix, and restores the longer one when reading it is expected to take less time
+  than computing the tokens memory lacks
+  (:class:`tiercache.tiers.costmodel.PromotionCostModel`; any hit counts when memory
+  has nothing); the restored snapshot is promoted into memory.
 * ``write_policy="through"`` persists every insert (dedup makes that cheap, and an
   eviction then costs nothing); ``"back"`` persists only what memory evicts.
 
@@ -34,11 +37,11 @@ from ..settings import WRITE_POLICIES
 from ..store import layers as L
 from ..store.disk import DiskStore
 from ..store.restore import RestoreError
-from ..store.hashing import Namespace, chain_root, checkpoint_id, next_hash, salt_bytes
-from ..store.index import KIND_BLOCK
+from ..store.hashing import Namespace, salt_bytes
 from .costmodel import PromotionCostModel
 from .memory import MemoryPromptCache
 from ..remote.tier import DEFAULT_TIMEOUT_MS, DEFAULT_TTL, RemoteTier
+from .pending import PendingTier
 from ..store.namespaces import cache_arrays, key_fingerprint, model_namespace
 from .writer import BackgroundWriter, WriteJob
 
@@ -50,6 +53,7 @@ UNLIMITED_BYTES = 1 << 63
 TIER_MEMORY = "memory"
 TIER_DISK = "disk"
 TIER_REMOTE = "remote"
+TIER_PENDING = "pending"
 
 
 @dataclass(frozen=True)
@@ -104,21 +108,11 @@ class FetchResult:
         served = [(n, tier) for tier, n in self.tokens_by_tier.items() if n]
         return max(served)[1] if served else "none"
 
-
-def _chain_ids_match(chain, root, ns, block_size: int) -> bool:
-    """True if every record of ``chain`` (root to end) is keyed by the hash of its own
-    tokens: blocks by the chain hash, the last tail/checkpoint by its checkpoint id."""
-    parent = root
-    for rec in chain:
-        if rec.namespace != ns or rec.parent != parent:
-            return False
-        if rec.kind == KIND_BLOCK:
-            if rec.n_tokens != block_size or next_hash(parent, rec.tokens) != rec.id:
-                return False
-        elif rec.id != checkpoint_id(parent, rec.token_list):
-            return False
-        parent = rec.id
-    return True
+    @property
+    def pending_tokens(self) -> int:
+        """Return the number of tokens copied from a snapshot the disk writer had
+        not committed yet (the pending tier)."""
+        return self.tokens_by_tier.get(TIER_PENDING, 0)
 
 
 def _offset_mismatch(prompt_cache: list, n: int):
@@ -200,11 +194,14 @@ class TieredPromptCache:
         self.memory = MemoryPromptCache(max_size, max_bytes, on_evict=self._on_evict)
         self.disk: DiskStore | None = None
         self.writer: BackgroundWriter | None = None
+        self.pending: PendingTier | None = None
         if disk_dir is not None:
             self.disk = DiskStore(disk_dir, block_size=block_size, disk_bytes=disk_bytes)
+            self.disk.record_budget()
             self.writer = BackgroundWriter(
                 self._write, max_queue_bytes=writer_queue_bytes, idle=self.disk.flush_touches
             )
+            self.pending = PendingTier(self.writer)
         self.cost_model = cost_model if cost_model is not None else PromotionCostModel()
         self.remote: RemoteTier | None = None
         if remote_url is not None:
@@ -374,30 +371,43 @@ class TieredPromptCache:
         sb = salt_bytes(salt)
         hit = self.memory.fetch((model, sb), tokens, limit=limit, handover=self.handover)
         mem_n = hit.n_tokens if hit else 0
-        plans = []
-        cache, n, dt = None, 0, 0.0
-        # The disk tier is best effort: an LMDB error, a closed store (server
-        # shutdown while a request is served) or an unexpected file must never
-        # raise into the generation thread, nor lose the memory entry that may
-        # already have been handed over above. Any failure is a disk miss.
+        pend, plans = None, []
+        cache, n, dt, source = None, 0, 0.0, None
+        # Pending and disk tiers are best effort: an LMDB error, a closed store
+        # (server shutdown while a request is served) or an unexpected file must
+        # never raise into the generation thread, nor lose the memory entry that
+        # may already have been handed over above. Any failure is a miss.
         try:
             if self.disk is not None and not self._closed and limit > mem_n:
-                for ns in self._namespaces(model):
+                namespaces = self._namespaces(model)
+                # Pending jobs first: one committed after this call is on disk below.
+                pend = self.pending.find(namespaces, sb, tokens, limit) if namespaces else None
+                for ns in namespaces:
                     plan = self.disk.longest_prefix(ns, tokens, salt=sb, limit=limit)
                     if plan.n_tokens:
                         plans.append(plan)
+            pend_n = pend.n_tokens if pend is not None else 0
             best = max(plans, key=lambda p: p.n_tokens, default=None)
-            local_best = max(mem_n, best.n_tokens if best is not None else 0)
+            local_best = max(mem_n, pend_n, best.n_tokens if best is not None else 0)
             remote = self._remote_lookup(model, tokens, sb, limit, local_best, plans)
             if remote is not None:
                 return self._serve_remote(model, sb, tokens, hit, remote)
             best_bytes = sum(r.nbytes for r in best.records) if best is not None else 0
-            if best is not None and self.cost_model.prefer_disk(mem_n, best.n_tokens, best_bytes):
+            if (
+                best is not None
+                and best.n_tokens > pend_n
+                and self.cost_model.prefer_disk(mem_n, best.n_tokens, best_bytes)
+            ):
                 t0 = time.perf_counter()
                 cache, n = self._restore(plans, tokens, sb, limit)
                 dt = time.perf_counter() - t0
+                source = TIER_DISK
                 if n == best.n_tokens:  # a fallback after a bad file read other files
                     self.cost_model.observe_restore(best_bytes, dt)
+            # A pending snapshot is copied from host memory: judged as a disk read of
+            # its bytes (conservative), it is used when it beats memory and the disk.
+            if pend_n > n and self.cost_model.prefer_disk(mem_n, pend_n, pend.nbytes):
+                cache, n, source = self.pending.restore(pend), pend_n, TIER_PENDING
         except Exception as e:
             log.warning("disk lookup failed (serving from memory): %s", e)
             cache, n = None, 0
@@ -406,9 +416,11 @@ class TieredPromptCache:
                 self._give_back(model, sb, tokens, hit)
             if self.keep_promoted:
                 self.memory.insert((model, sb), tokens[:n], cache, cache_type="user")
+            self.counters["promotions"] += 1
+            if source == TIER_PENDING:
+                return FetchResult(cache, list(tokens[n:]), len(tokens), {TIER_PENDING: n})
             self.counters["disk_hits"] += 1
             self.counters["disk_hit_tokens"] += n
-            self.counters["promotions"] += 1
             self.counters["restore_seconds"] += dt
             return FetchResult(cache, list(tokens[n:]), len(tokens), {TIER_DISK: n}, dt)
         if hit is None:
@@ -606,8 +618,11 @@ class TieredPromptCache:
                 "evictions": d["evicted_records"],
                 "corrupt_records": d["corrupt_records"],
                 "restore_seconds": self.counters["restore_seconds"],
+                "bytes_written": d["bytes_written"],
+                "records_written": d["records_written"],
                 "cost_model": self.cost_model.snapshot(),
             }
+            out["pending"] = self.pending.stats()
             out["writer"] = {
                 "queue_bytes": self.writer.queue_bytes,
                 "pending": self.writer.pending(),
@@ -675,36 +690,22 @@ class TieredPromptCache:
         are skipped (their salt isn't known here); the memory tier's own budget is
         never exceeded by prewarming (nothing hot is evicted for it).
         """
-        from ..admin.inspect import chain_of, chain_tokens, load_view, plan_for, snapshot_ends
-
         done = 0
         try:
-            view = load_view(self.disk)
-            root = chain_root(ns, None)
-            ends = sorted(snapshot_ends(view, ns), key=lambda r: -r.last_access)
-            for rec in ends:
+            for snap in self.disk.recent_snapshots(ns, budget):
                 if self._closed or done >= budget:
                     break
                 try:
-                    chain = chain_of(view, rec)
-                    if chain[0].parent != root or not _chain_ids_match(chain, root, ns, self.disk.block_size):
-                        # Salted, or the index holds tokens that don't hash to their
-                        # record's id (damage, poisoning): keying memory by those
-                        # tokens would serve KV of other tokens. Lookups compare
-                        # tokens against the query's hashes; prewarm must too.
-                        continue
-                    plan = plan_for(self.disk, view, rec)
                     t0 = time.perf_counter()
-                    cache = self.disk.restore(plan)
-                except (ValueError, RestoreError):
+                    cache = self.disk.restore(snap.plan)
+                except RestoreError:
                     continue
                 mx.eval(list(cache_arrays(cache)))
-                self.cost_model.observe_restore(sum(r.nbytes for r in plan.records),
-                                                time.perf_counter() - t0)
+                self.cost_model.observe_restore(snap.nbytes, time.perf_counter() - t0)
                 nbytes = sum(c.nbytes for c in cache)
                 if done + nbytes > budget or self.memory.nbytes + nbytes > self.memory.max_bytes:
                     continue
-                self.memory.insert((key, b""), chain_tokens(chain), cache, cache_type="user")
+                self.memory.insert((key, b""), snap.tokens, cache, cache_type="user")
                 done += nbytes
                 self.counters["prewarmed_bytes"] += nbytes
             log.info("prewarmed %d bytes into memory", done)
