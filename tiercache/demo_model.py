@@ -72,8 +72,10 @@ EOS_TOKEN = "<|im_end|>"
 # a Jinja string literal, so no stray template whitespace reaches the prompt.
 # Differences from Qwen3, chosen for the prefix cache: an assistant message's
 # ``reasoning_content`` is always rendered (history renders the same every turn),
-# and ``enable_thinking=false`` closes an empty think block in the generation
-# prompt (the default leaves it to the model to open one).
+# a reply re-renders exactly as it was generated (newlines around the think block
+# and before a first tool call are not doubled), and ``enable_thinking=false``
+# closes an empty think block in the generation prompt (the default leaves it to
+# the model to open one).
 CHAT_TEMPLATE = (
     "{%- if tools -%}"
     "{{ '<|im_start|>system\\n' }}"
@@ -99,12 +101,14 @@ CHAT_TEMPLATE = (
     "{%- elif message['role'] == 'assistant' -%}"
     "{{ '<|im_start|>assistant\\n' }}"
     "{%- if message['reasoning_content'] -%}"
-    "{{ '<think>\\n' + message['reasoning_content'] + '\\n</think>\\n\\n' }}"
+    "{{ '<think>\\n' + message['reasoning_content'].strip('\\n') + '\\n</think>\\n\\n' }}"
     "{%- endif -%}"
-    "{{ message['content'] or '' }}"
+    "{%- set content = (message['content'] or '').lstrip('\\n') -%}"
+    "{{ content }}"
     "{%- for call in message['tool_calls'] or [] -%}"
     "{%- set tool_call = call['function'] if call['function'] is defined else call -%}"
-    "{%- if not loop.first or message['content'] -%}{{ '\\n' }}{%- endif -%}"
+    "{%- if not loop.first or (content and not content.endswith('\\n')) -%}"
+    "{{ '\\n' }}{%- endif -%}"
     "{%- set args = tool_call.arguments if tool_call.arguments is string "
     "else (tool_call.arguments | tojson) -%}"
     "{{ '<tool_call>\\n{\\\"name\\\": \\\"' + tool_call.name + '\\\", \\\"arguments\\\": ' "
@@ -567,9 +571,14 @@ def _is_current(out: Path, preset: str, seed: int) -> bool:
         config = json.loads((out / "config.json").read_text())
     except (OSError, ValueError):
         return False
+    try:
+        template = json.loads((out / "tokenizer_config.json").read_text()).get("chat_template")
+    except (OSError, ValueError):
+        return False
     want = PRESETS[preset]
     return (
-        info.get("preset") == preset
+        template == CHAT_TEMPLATE
+        and info.get("preset") == preset
         and info.get("seed") == seed
         and info.get("builder") == DEMO_MODEL_VERSION
         and all(config.get(k) == v for k, v in want.items())
