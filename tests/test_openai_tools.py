@@ -250,9 +250,9 @@ def test_tool_loop_turn_reuses_generated_call(scripted_server):
     first = client.chat.completions.create(model="demo", messages=msgs, tools=TOOLS, seed=3)
     reply = first.choices[0].message
     (call,) = reply.tool_calls
-    msgs += [{"role": "assistant", "content": reply.content,
-              "reasoning_content": reply.model_extra["reasoning_content"],
-              "tool_calls": [call.model_dump()]},
+    assert reply.model_extra["reasoning_content"] == "\nCheck again.\n"
+    # The reply goes back as the SDK returned it (as in the README's snippet).
+    msgs += [reply.model_dump(exclude_none=True),
              {"role": "tool", "tool_call_id": call.id, "content": "rain again"}]
     second = client.chat.completions.create(model="demo", messages=msgs, tools=TOOLS, seed=2)
     # The reply (thinking, text and tool call) re-renders token for token, so the
