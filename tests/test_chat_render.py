@@ -108,3 +108,42 @@ def test_no_template_fallback(tiny_llama_path):
     assert tok.decode(out.tokens) == "user: Hi\nassistant:" and out.user_start == 0
     with pytest.raises(RenderError, match="no chat template"):
         render_chat(tok, msgs, tools=TOOLS)
+
+
+def test_warm_renders_tools_and_tool_history_like_the_server(tmp_path, tiny_llama_path,
+                                                             tiny_llama):
+    """``tiercache warm`` prompt lines with tools store exactly the server's prefix."""
+    import json
+
+    from click.testing import CliRunner
+
+    from tiercache.server.routes.openai import chat_spec
+    from tiercache.server.schemas import ChatCompletionRequest
+    from tiercache.store.disk import DiskStore
+    from tiercache.store.namespaces import model_namespace
+    from tiercache.tools.cli import main as cli
+
+    model, tok = tiny_llama
+    line = {"messages": [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "Where is f defined?"},
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "call_1", "type": "function",
+            "function": {"name": "grep", "arguments": "{\"pattern\": \"def f\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "src/a.py:3"}],
+        "tools": TOOLS, "chat_template_kwargs": {"enable_thinking": False}}
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps(line) + "\n")
+    d = tmp_path / "store"
+    r = CliRunner().invoke(cli, ["warm", str(d), "--model", str(tiny_llama_path),
+                                 "--prompts", str(prompts), "--block-size", "16"])
+    assert r.exit_code == 0, r.output
+    # What the server renders for the same chat request body.
+    spec = chat_spec(ChatCompletionRequest.model_validate(line))
+    server = render_chat(tok, spec.messages, tools=spec.tools,
+                         template_kwargs=spec.template_kwargs).tokens
+    assert "grep" in tok.decode(server) and tok.decode(server).endswith("</think>\n\n")
+    with DiskStore(d) as store:
+        ns = model_namespace(store, str(tiny_llama_path), model)
+        plan = store.longest_prefix(ns, server, limit=len(server) - 1)
+        assert plan.n_tokens == len(server) - 1

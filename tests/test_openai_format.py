@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from tiercache.chat import ToolCallEvent
 from tiercache.server.errors import APIError
 from tiercache.server.openai_format import (
     ChatAccumulator,
@@ -21,6 +19,8 @@ from tiercache.server.openai_format import (
 )
 from tiercache.server.routes.openai import chat_spec
 from tiercache.server.schemas import ChatCompletionRequest
+
+from tiercache.chat import ToolCallEvent
 
 BASE = {"id": "chatcmpl-x", "created": 1, "model": "m", "system_fingerprint": "tiercache"}
 USAGE = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7,
