@@ -268,8 +268,8 @@ def test_hybrid_checkpoint_at_tool_result(tiny_hybrid_path, tmp_path):
                         "--max-tokens", "4"], tmp_path / "server.log")
     try:
         client = _client(srv)
-        first = client.chat.completions.create(model="m", messages=_history("result one"),
-                                               tools=TOOLS, max_tokens=4)
+        first = client.chat.completions.create(
+            model="tiny-hybrid", messages=_history("result one"), tools=TOOLS, max_tokens=4)
         assert _cached(first.usage) == 0
         # Another result for the same call (a retried tool): the prompt diverges
         # inside the tool result, so only the checkpoint at its start can serve it.
@@ -277,8 +277,8 @@ def test_hybrid_checkpoint_at_tool_result(tiny_hybrid_path, tmp_path):
                            need_user_start=True)
         assert 16 <= want.user_start < len(want.tokens)
         assert tok.decode(want.tokens[:want.user_start]).endswith("<tool_response>\n")
-        second = client.chat.completions.create(model="m", messages=_history("other result"),
-                                                tools=TOOLS, max_tokens=4)
+        second = client.chat.completions.create(
+            model="tiny-hybrid", messages=_history("other result"), tools=TOOLS, max_tokens=4)
         assert _cached(second.usage) == want.user_start
     finally:
         assert srv.stop() == 0, srv.log()
