@@ -1,6 +1,7 @@
 """The FastAPI application: middleware, lifespan and the routers.
 
-The routes live in ``server/routes/`` (OpenAI, admin) and share the job layer
+The routes live in ``server/routes/`` (OpenAI, admin; the dashboard in
+``server/dashboard.py``) and share the job layer
 of ``server/jobs.py``; ``app.state.tiercache`` is the :class:`ServerState`.
 """
 
@@ -13,12 +14,14 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from .config import ServerConfig
+from .dashboard import dashboard_router
 from .engine import Engine
 from .errors import APIError, error_response, install_handlers
 from .jobs import ServerState
 from .metrics import Metrics
 from .routes import admin as admin_routes
 from .routes import openai as openai_routes
+from .routes.auth import require_key
 from .worker import Worker
 
 logger = logging.getLogger("tiercache.server")
@@ -34,6 +37,9 @@ _KNOWN_PATHS = {
     "/v1/cache/reset": "cache_reset",
     "/health": "health",
     "/metrics": "metrics",
+    "/dashboard": "dashboard",
+    "/v1/dashboard/requests": "dashboard_requests",
+    "/v1/dashboard/store": "dashboard_store",
 }
 
 
@@ -158,4 +164,5 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
 
     app.include_router(openai_routes.router)
     app.include_router(admin_routes.router)
+    app.include_router(dashboard_router(engine, metrics.recent, require_key))
     return app

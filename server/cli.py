@@ -55,6 +55,18 @@ def main(argv: Sequence[str] | None = None, hard_exit: bool = True) -> int:
     import uvicorn
 
     from .app import create_app
+    from .listen import BindError, bind_listeners, listen_urls
+
+    # Bind before the app exists: the model loads at startup, and a busy port
+    # must be refused before that, with one line and exit 2 like any bad flag.
+    try:
+        sockets = bind_listeners(cfg.host, cfg.port)
+    except BindError as exc:
+        sys.stderr.write(f"tiercache-server: error: {exc}\n")
+        return 2
+    # uvicorn logs its address only for sockets it bound itself.
+    logging.getLogger("tiercache.server").info(
+        "listening on %s (press CTRL+C to quit)", ", ".join(listen_urls(sockets)))
 
     state = {"exit": 0, "server": None}
 
@@ -77,11 +89,11 @@ def main(argv: Sequence[str] | None = None, hard_exit: bool = True) -> int:
     server = _Server.build(config)
     state["server"] = server
     try:
-        server.run()
+        server.run(sockets=sockets)
     except KeyboardInterrupt:
         pass
     if not server.started and state["exit"] == 0:
-        # uvicorn could not bind (message already logged).
+        # uvicorn could not start (message already logged).
         state["exit"] = 1
     if hard_exit:
         logging.shutdown()

@@ -15,11 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from .config import ServerConfig
+from .metrics import request_summary
 from .output_events import OutputEvents, _StopText  # noqa: F401  (_StopText: tests)
 
 logger = logging.getLogger("tiercache.server")
 
 DEMO_MODEL_ID = "tiercache-demo"
+DEMO_MODEL_NOTE = (
+    "the built-in demo model has random weights, so its replies are meaningless "
+    "text: it is there to show the cache working without a download "
+    "(pass --model for a real model)"
+)
+_MAX_NAMES_LOGGED = 32
 
 
 class RequestError(ValueError):
@@ -58,6 +65,7 @@ class GenParams:
             cache layers).
         arrived: ``time.perf_counter()`` when the request arrived.
         request_id: For the log line.
+        api: Which client API the request came through (dashboard).
         top_k: Sample among the ``top_k`` most likely tokens (0 = all).
         min_p: Minimum probability relative to the top token (0 = off).
         presence_penalty: Additive penalty on tokens already generated.
@@ -82,6 +90,7 @@ class GenParams:
     arrived: float = field(default_factory=time.perf_counter)
     request_id: str = ""
     user_start: int = 0
+    api: str = "openai.chat"
     top_k: int = 0
     min_p: float = 0.0
     presence_penalty: float | None = None
@@ -137,7 +146,10 @@ class Engine:
         self.tokenizer = None
         self.cache = None
         self.model_path: str | None = None
-        self.model_id = cfg.model or DEMO_MODEL_ID
+        names = list(cfg.served_model_name)
+        self.model_id = names[0] if names else (cfg.model or DEMO_MODEL_ID)
+        self.aliases: list[str] = names[1:]
+        self._names_logged: set[str] = set()
         self.model_key: str | None = None
         self.context_length: int | None = None
         self.vocab_size: int | None = None
@@ -197,12 +209,13 @@ class Engine:
             isinstance(c, RotatingKVCache) for c in probe
         )
         logger.info(
-            "loaded model %s in %.2fs (context %s, vocab %s; disk tier %s)",
+            "loaded model %s in %.2fs (context %s, vocab %s; disk tier %s)%s",
             path,
             time.perf_counter() - t0,
             self.context_length,
             self.vocab_size,
             cfg.disk_dir or "off",
+            f"; {DEMO_MODEL_NOTE}" if cfg.model is None else "",
         )
 
     def close(self, flush_timeout: float) -> None:
@@ -210,11 +223,34 @@ class Engine:
         if self.cache is not None:
             self.cache.close(flush_timeout=flush_timeout)
 
-    def matches_model(self, name: str | None) -> bool:
-        """Whether a request's ``model`` field names the served model."""
-        if name in (None, "", self.model_id, "default_model"):
+    def served_names(self) -> list[str]:
+        """Return the served model's id followed by its aliases."""
+        return [self.model_id, *self.aliases]
+
+    def knows_model(self, name: str | None) -> bool:
+        """Whether ``name`` is the served id, an alias, or the model's path or folder name."""
+        if name in (None, "", "default_model", self.cfg.model, *self.served_names()):
             return True
         return bool(self.model_path) and name in (self.model_path, Path(self.model_path).name)
+
+    def matches_model(self, name: str | None) -> bool:
+        """Whether a request naming ``name`` is served.
+
+        One model is loaded, so by default any name is served by it (clients
+        such as Claude Code send their own model names); the first request
+        with each unknown name is logged. With ``--strict-model-name`` only
+        :meth:`knows_model` names are.
+        """
+        if self.knows_model(name):
+            return True
+        if self.cfg.strict_model_name:
+            return False
+        if name not in self._names_logged and len(self._names_logged) < _MAX_NAMES_LOGGED:
+            self._names_logged.add(name)
+            logger.info("requests for model %r are served by %s (pass --strict-model-name "
+                        "to refuse names other than %s)", name, self.model_id,
+                        ", ".join(self.served_names()))
+        return True
 
     # ------------------------------------------------------------ tokenize
     def render(self, messages: list[dict], tools: list | None = None,
@@ -331,24 +367,24 @@ class Engine:
             make_prompt_cache,
             trim_prompt_cache,
         )
+
+        from tiercache import FetchResult
+
         tokens = list(p.tokens)
         t_start = time.perf_counter()
         try:
-            prompt_cache, rest = self.cache.fetch_nearest_cache(
-                self.model_key, tokens, salt=p.salt)
-            info = getattr(self.cache, "last_fetch", None)
+            found = self.cache.fetch(self.model_key, tokens, salt=p.salt)
         except Exception:  # a broken cache must not fail the request: run cold
             logger.exception("prefix lookup failed; computing the prompt from scratch")
-            prompt_cache, rest, info = None, tokens, None
+            found = FetchResult(None, tokens, len(tokens))
         restore_s = time.perf_counter() - t_start
-        rest = list(rest)
-        cached = len(tokens) - len(rest) if prompt_cache is not None else 0
-        disk = int(getattr(info, "disk_tokens", 0) or 0) if info is not None else 0
-        disk = min(disk, cached)
-        memory = cached - disk
+        prompt_cache, rest = found.prompt_cache, list(found.rest)
+        cached = found.cached_tokens if prompt_cache is not None else 0
+        memory, disk = found.memory_tokens, found.disk_tokens
         if prompt_cache is None:
             prompt_cache = make_prompt_cache(self.model)
             rest = tokens
+        t_fetched, n_prefill = time.perf_counter(), len(rest)
         if self.metrics is not None:
             self.metrics.observe_fetch(len(tokens), memory, disk, restore_s)
         usage = {
@@ -359,6 +395,8 @@ class Engine:
                 "cached_tokens": cached,
                 "memory_tokens": memory,
                 "disk_tokens": disk,
+                # Tiers added later (writer-pending, remote) report themselves.
+                **{f"{tier}_tokens": n for tier, n in found.tokens_by_tier.items()},
             },
         }
         emit(("start", usage))
@@ -424,6 +462,9 @@ class Engine:
         self._insert(tokens + generated, prompt_cache, p.salt, can_trim_prompt_cache,
                      trim_prompt_cache)
 
+        if prefill_done is not None and finish != "cancelled":
+            # Teaches the cache's cost model how fast this model prefills here.
+            self.cache.observe_prefill(n_prefill, prefill_done - t_fetched)
         prefill_s = (prefill_done or t_end) - t_start
         ttft = (t_first - p.arrived) if t_first is not None else None
         decode_s = t_end - (t_first or t_end)
@@ -433,6 +474,8 @@ class Engine:
                 self.metrics.ttft.observe(ttft)
             self.metrics.prefill.observe(prefill_s)
             self.metrics.generated_tokens.inc(len(generated))
+            self.metrics.recent.add(request_summary(p.api, usage, ttft, prefill_s, decode_tps,
+                                                    finish))
         logger.info(
             "request %s: prompt=%d cached=%d (memory=%d disk=%d) prefill=%.3fs ttft=%s "
             "decode=%.1f tok/s completion=%d finish=%s",
@@ -461,13 +504,12 @@ class Engine:
             The tokens still to feed (the last prompt token).
         """
         try:
-            from tiercache.tiers.checkpoints import (
-                CheckpointPolicy,
-                prefill_with_checkpoints,
-            )
+            from tiercache.store.layout import DEFAULT_BLOCK_SIZE
+            from tiercache.tiers.checkpoints import CheckpointPolicy, prefill_with_checkpoints
         except ImportError:
             return rest
-        policy = CheckpointPolicy(min_tokens=self.cfg.block_size)
+        # parse_config resolves the block size; a ServerConfig built in code may leave it None.
+        policy = CheckpointPolicy(min_tokens=self.cfg.block_size or DEFAULT_BLOCK_SIZE)
         stops = policy.stops(prompt_len=len(tokens), user_start=p.user_start,
                              trimmable=False, cached=cached)
         # The end of the prefill (all but the last prompt token) is also worth a

@@ -70,8 +70,9 @@ class ServerState:
     def require_model(self, name: str | None) -> None:
         """Raise a 404 unless ``name`` names the served model (or is empty)."""
         if not self.engine.matches_model(name):
+            served = ", ".join(map(repr, self.engine.served_names()))
             raise APIError(404, f"the model {name!r} does not exist; this server serves "
-                           f"{self.engine.model_id!r}", "model", "model_not_found")
+                           f"{served}", "model", "model_not_found")
 
 
 @dataclass(kw_only=True)
@@ -90,6 +91,8 @@ class PromptSpec:
         stops: Stop strings (applied to content text; not included).
         salt: Cache isolation salt.
         prompt: Text or token ids (plain completions only).
+        api: The client API, for the dashboard (``"openai.chat"``,
+            ``"openai.completions"``, ``"anthropic.messages"``...).
     """
 
     model: str | None = None
@@ -106,6 +109,7 @@ class PromptSpec:
     stops: list[str] = field(default_factory=list)
     salt: str | None = None
     prompt: str | list[int] | None = None
+    api: str = "openai.chat"
 
 
 @dataclass(kw_only=True)
@@ -198,6 +202,7 @@ def _params(state: ServerState, spec: PromptSpec, tokens: list[int], **extra) ->
         stops=list(spec.stops),
         salt=spec.salt,
         request_id=uuid.uuid4().hex[:12],
+        api=spec.api,
         **extra,
     )
 

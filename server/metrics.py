@@ -8,7 +8,10 @@ from ``TieredPromptCache.stats()`` at scrape time.
 
 from __future__ import annotations
 
+import collections
 import logging
+import threading
+import time
 from collections.abc import Callable
 
 from prometheus_client import (
@@ -23,6 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 logger = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+RECENT_REQUESTS = 200
 
 _TIER_COUNTERS = {
     "hits": "Prefix-cache hits served by the tier",
@@ -82,6 +86,60 @@ class _CacheCollector:
         yield from gauges.values()
 
 
+class RecentRequests:
+    """A thread-safe bounded ring of per-request summaries.
+
+    Args:
+        size: How many requests to keep.
+    """
+
+    def __init__(self, size: int = RECENT_REQUESTS):
+        self._ring: collections.deque[dict] = collections.deque(maxlen=size)
+        self._lock = threading.Lock()
+        self._seq = 0
+
+    def add(self, record: dict) -> None:
+        """Append one request summary (the oldest falls out when full)."""
+        with self._lock:
+            self._seq += 1
+            self._ring.append({"seq": self._seq, "time": time.time(), **record})
+
+    def latest(self, limit: int) -> list[dict]:
+        """Return up to ``limit`` summaries, newest first."""
+        with self._lock:
+            items = list(self._ring)
+        return items[::-1][:limit]
+
+
+def request_summary(api: str, usage: dict, ttft: float | None, prefill_s: float,
+                    decode_tps: float, finish: str) -> dict:
+    """Return the ring entry for one finished request.
+
+    Args:
+        api: Which client API served it, e.g. ``openai.chat``.
+        usage: The request's OpenAI-style usage (``prompt_tokens_details``
+            holds the tokens by tier).
+        ttft: Seconds from arrival to the first token, if any was made.
+        prefill_s: Seconds spent on lookup and prefill.
+        decode_tps: Decode tokens per second.
+        finish: Finish reason.
+    """
+    details = usage.get("prompt_tokens_details") or {}
+    by_tier = {k[: -len("_tokens")]: int(v) for k, v in details.items()
+               if k.endswith("_tokens") and k != "cached_tokens" and isinstance(v, int)}
+    return {
+        "api": api,
+        "prompt_tokens": int(usage.get("prompt_tokens", 0)),
+        "cached_tokens": int(details.get("cached_tokens", 0)),
+        "cached_by_tier": by_tier,
+        "completion_tokens": int(usage.get("completion_tokens", 0)),
+        "ttft_s": None if ttft is None else round(ttft, 4),
+        "prefill_s": round(prefill_s, 4),
+        "decode_tps": round(decode_tps, 2),
+        "finish": finish,
+    }
+
+
 class Metrics:
     """All server metrics in one private registry.
 
@@ -137,6 +195,7 @@ class Metrics:
             "tiercache_queue_depth", "Requests waiting for the generation worker", registry=r
         )
         r.register(_CacheCollector(get_stats))
+        self.recent = RecentRequests()
 
     def observe_fetch(self, queried: int, memory: int, disk: int, seconds: float) -> None:
         """Record one prefix lookup.

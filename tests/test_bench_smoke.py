@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
-pytest.importorskip("mlx_lm")
-
 
 def _load(out, name):
     data = json.loads((out / f"{name}.json").read_text())

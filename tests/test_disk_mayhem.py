@@ -309,3 +309,23 @@ def test_readonly_store_never_raises_on_bad_files(stored):
     rw = DiskStore(store.path)
     assert rw.fetch(ns, T + [3], limit=N)[1] == BAD * B
     rw.close()
+
+
+@pytest.mark.parametrize("content", [b"\x01\x02\x03", b"\x0a\x00\x00\x00\x00\x00\x00\x00{\"a\""])
+def test_hashing_reader_closes_file_on_truncated_header(tmp_path, content):
+    """A block file truncated inside its header must not leak the descriptor
+    (restores of damaged stores would otherwise run out of fds)."""
+    from tiercache.store.blockfile import BlockFileError, HashingReader
+
+    p = tmp_path / "x.safetensors"
+    p.write_bytes(content)
+    with pytest.raises(BlockFileError) as ei:
+        HashingReader(p)
+    tb = ei.value.__traceback__
+    readers = []
+    while tb is not None:
+        obj = tb.tb_frame.f_locals.get("self")
+        if isinstance(obj, HashingReader):
+            readers.append(obj)
+        tb = tb.tb_next
+    assert readers and all(r.f.closed for r in readers)

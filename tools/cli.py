@@ -23,30 +23,19 @@ from typing import Any
 
 import click
 
+from tiercache.errors import TiercacheError
+from tiercache.tools.options import SIZE, CliError, setting_option
 from tiercache.tools.prompts import prompt_tokens, read_prompts
 from tiercache.tools.render import console, emit, human_size, human_time, iso, print_table, short
 
 EXIT_PROBLEMS = 1
-EXIT_ERROR = 2
-
-
-class CliError(click.ClickException):
-    """One-line error, exit code 2."""
-
-    exit_code = EXIT_ERROR
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()) or "error")
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    """Return the errors a command reports as one line: ours, bad arguments, I/O."""
     import lmdb
 
-    from tiercache.store.blockfile import BlockFileError
-    from tiercache.store.disk import RestoreError, StoreError
-    from tiercache.store.index import IndexError_
-
-    return (StoreError, IndexError_, BlockFileError, RestoreError, ValueError, lmdb.Error, OSError, KeyError)
+    return (TiercacheError, ValueError, lmdb.Error, OSError, KeyError)
 
 
 class _Group(click.Group):
@@ -70,16 +59,6 @@ class _Group(click.Group):
 # --- parsing --------------------------------------------------------------------------------
 
 
-def parse_size(text: str) -> int:
-    """Bytes from a size like ``512MiB``, ``2GB``, ``1.5 GiB`` or ``1000`` (pydantic ByteSize)."""
-    from pydantic import ByteSize, TypeAdapter, ValidationError
-
-    try:
-        return int(TypeAdapter(ByteSize).validate_python(str(text).strip()))
-    except ValidationError:
-        raise CliError(f"bad size {text!r}: use e.g. 512MiB, 2GB or a number of bytes") from None
-
-
 _UNIT = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -97,15 +76,6 @@ def parse_duration(text: str) -> float:
     return total
 
 
-class SizeType(click.ParamType):
-    name = "SIZE"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, int):
-            return value
-        return parse_size(value)  # a bad size is one clean line, not a usage dump
-
-
 class DurationType(click.ParamType):
     name = "DURATION"
 
@@ -115,7 +85,6 @@ class DurationType(click.ParamType):
         return parse_duration(value)
 
 
-SIZE = SizeType()
 DURATION = DurationType()
 
 
@@ -190,7 +159,7 @@ def stats(ctx, dir, budget, table):
     tokens stored vs physical tokens (the dedup ratio), oldest/newest access and
     hits (restores served).
 
-    Example: tiercache stats ~/.cache/tiercache --table
+    Example: tiercache stats ~/.cache/tiercache/store --table
     """
     from tiercache.admin import inspect as I
 
@@ -245,7 +214,7 @@ def ls(ctx, dir, namespace, sort, limit, words, table):
     (when the model's tokenizer is found at the path recorded in the store; token
     ids otherwise).
 
-    Example: tiercache ls ~/.cache/tiercache --sort size --limit 20 --table
+    Example: tiercache ls ~/.cache/tiercache/store --sort size --limit 20 --table
     """
     from tiercache.admin import inspect as I
 
@@ -271,18 +240,39 @@ def ls(ctx, dir, namespace, sort, limit, words, table):
     emit(rows, _want_table(ctx, table), render)
 
 
+SHOW_CHARS = 200
+"""Characters of decoded text ``show`` prints unless ``--full``."""
+SHOW_TOKEN_IDS = 50
+"""Token ids ``show`` prints (when the text can't be decoded) unless ``--full``."""
+
+
+def _shorten_text(data: dict) -> None:
+    """Cut ``show``'s text (or token ids) to its start; say how much there is."""
+    if "text" in data:
+        data["text_chars"] = len(data["text"])
+        data["text_truncated"] = len(data["text"]) > SHOW_CHARS
+        data["text"] = data["text"][:SHOW_CHARS]
+    elif "token_ids" in data:
+        data["text_truncated"] = len(data["token_ids"]) > SHOW_TOKEN_IDS
+        data["token_ids"] = data["token_ids"][:SHOW_TOKEN_IDS]
+
+
 @main.command()
 @click.argument("dir")
 @click.argument("id")
+@click.option("--full", is_flag=True, default=False,
+              help=f"Print the whole text (default: the first {SHOW_CHARS} characters).")
 @table_option
 @click.pass_context
-def show(ctx, dir, id, table):
+def show(ctx, dir, id, full, table):
     """Show one stored prefix: its chain of blocks, token count, decoded text (or
     token ids), files, sizes, checksums and the checkpoints along it.
 
     ID is a record id from `ls` (any unique prefix of at least 8 hex digits).
+    The text is cut to its first characters (system prompts run to tens of
+    thousands of tokens) unless --full is given.
 
-    Example: tiercache show ~/.cache/tiercache 3fa2c81d
+    Example: tiercache show ~/.cache/tiercache/store 3fa2c81d
     """
     from tiercache.admin import inspect as I
 
@@ -290,6 +280,8 @@ def show(ctx, dir, id, table):
         view = I.load_view(store)
         rec = I.resolve_id(view, id)
         data = I.prefix_detail(store, view, rec, I.TextDecoder(view))
+    if not full:
+        _shorten_text(data)
 
     def render(d):
         now = time.time()
@@ -307,7 +299,11 @@ def show(ctx, dir, id, table):
         if d["checkpoints"]:
             con.print("other restore points along this chain: "
                       + ", ".join(f"{c['kind']} @{c['position']} {c['id'][:12]}" for c in d["checkpoints"]))
-        con.print("text:" if "text" in d else "token ids:")
+        what = "text" if "text" in d else "token ids"
+        if d.get("text_truncated"):
+            total = f"{d['text_chars']} characters" if "text" in d else f"{d['tokens']} ids"
+            what += f" (the start of {total}; --full prints all)"
+        con.print(what + ":", markup=False)
         con.print(d["text"] if "text" in d else json.dumps(d["token_ids"]), markup=False)
 
     emit(data, _want_table(ctx, table), render)
@@ -363,7 +359,7 @@ def verify(ctx, dir, fix, temp_grace, table):
     Exits 0 when clean, 1 when problems remain (after --fix: when the repair
     could not clear them).
 
-    Example: tiercache verify ~/.cache/tiercache --fix
+    Example: tiercache verify ~/.cache/tiercache/store --fix
     """
     with open_store(dir, write=fix) as store:
         found = _settled(store, store.check(fix=False, temp_grace=temp_grace), temp_grace)
@@ -408,7 +404,7 @@ def evict(ctx, dir, to, namespace, older_than, table):
     --older-than). A block is never evicted while a longer prefix built on it
     stays. Safe while a server uses the store.
 
-    Example: tiercache evict ~/.cache/tiercache --older-than 7d
+    Example: tiercache evict ~/.cache/tiercache/store --older-than 7d
     """
     from tiercache.admin import inspect as I
 
@@ -446,7 +442,7 @@ def clear(ctx, dir, namespace, yes, table):
 
     Namespace descriptions are kept, so a running server keeps working.
 
-    Example: tiercache clear ~/.cache/tiercache --yes
+    Example: tiercache clear ~/.cache/tiercache/store --yes
     """
     with open_store(dir, write=True) as store:
         view, ns = _view_and_ns(store, namespace)
@@ -475,7 +471,7 @@ def export_cmd(ctx, dir, id, out, table):
     mlx_lm.models.cache.load_prompt_cache reads it; the file's metadata carries
     the token ids, the namespace and the tiercache format.
 
-    Example: tiercache export ~/.cache/tiercache 3fa2c81d prompt.safetensors
+    Example: tiercache export ~/.cache/tiercache/store 3fa2c81d prompt.safetensors
     """
     from tiercache.admin.interop import export_mlx_lm
 
@@ -495,8 +491,7 @@ def export_cmd(ctx, dir, id, out, table):
 @click.option("--tokens", default=None, metavar="JSON",
               help="Token ids the cache holds: a JSON list, or a file holding one "
                    "(default: the ids recorded by `tiercache export`).")
-@click.option("--block-size", type=click.IntRange(min=1), default=None,
-              help="Block size when DIR is a new store (default 256).")
+@setting_option("block_size")
 @table_option
 @click.pass_context
 def import_cmd(ctx, dir, file, model, tokens, block_size, table):
@@ -505,7 +500,7 @@ def import_cmd(ctx, dir, file, model, tokens, block_size, table):
     Only mlx-lm cache classes on tiercache's allow-list are ever built from the
     file. Creates DIR as a new store if it doesn't exist.
 
-    Example: tiercache import ~/.cache/tiercache prompt.safetensors --model ./demo-model
+    Example: tiercache import ~/.cache/tiercache/store prompt.safetensors --model ./demo-model
     """
     from tiercache.admin.interop import import_mlx_lm
 
@@ -529,11 +524,9 @@ def import_cmd(ctx, dir, file, model, tokens, block_size, table):
               help="The local mlx-lm model folder to prefill with.")
 @click.option("--prompts", required=True, type=click.Path(dir_okay=False, path_type=str),
               help='JSONL: {"messages": [...]} (chat template applied), {"text": "..."} or plain strings.')
-@click.option("--prefill-step-size", type=click.IntRange(min=1), default=2048, show_default=True,
-              help="Tokens per prefill step; use the server's value so hybrid models hit exactly.")
-@click.option("--block-size", type=click.IntRange(min=1), default=None,
-              help="Block size when DIR is a new store (default 256).")
-@click.option("--disk-bytes", type=SIZE, default=None, metavar="SIZE", help="Disk budget to keep while warming.")
+@setting_option("prefill_step_size")  # the server's variable too, so hybrid models hit exactly
+@setting_option("block_size")
+@setting_option("disk_bytes")
 @table_option
 @click.pass_context
 def warm(ctx, dir, model_path, prompts, prefill_step_size, block_size, disk_bytes, table):
@@ -544,7 +537,7 @@ def warm(ctx, dir, model_path, prompts, prefill_step_size, block_size, disk_byte
     chunking, so restores are exact for hybrid models too) and saved. A request
     for the prompt then restores all but its last token from disk.
 
-    Example: tiercache warm ~/.cache/tiercache --model ./demo-model --prompts prompts.jsonl
+    Example: tiercache warm ~/.cache/tiercache/store --model ./demo-model --prompts prompts.jsonl
     """
     import mlx.core as mx
     import mlx_lm

@@ -150,8 +150,8 @@ async def completions(body: CompletionRequest, request: Request):
     if body.echo:
         raise APIError(400, "echo is not supported", "echo")
     state = _state(request)
-    job, _ = await submit_prompt(state, PromptSpec(prompt=body.prompt, **_sampling(body)),
-                                 request)
+    spec = PromptSpec(prompt=body.prompt, api="openai.completions", **_sampling(body))
+    job, _ = await submit_prompt(state, spec, request)
     base = _base(state, job, "cmpl-")
     if body.stream:
         return _streaming(_completion_stream(job, base, body.include_usage()))
@@ -184,23 +184,29 @@ async def _completion_stream(job: Job, base: dict, include_usage: bool) -> Async
             job.cancel()
 
 
-def _model_card(state: ServerState) -> dict:
+def _model_card(state: ServerState, name: str | None = None) -> dict:
     engine = state.engine
-    return {"id": engine.model_id, "object": "model", "created": engine.created,
+    return {"id": name or engine.model_id, "object": "model", "created": engine.created,
             "owned_by": "tiercache"}
 
 
 @router.get("/v1/models")
 async def models(request: Request):
-    """List the one served model."""
-    return {"object": "list", "data": [_model_card(_state(request))]}
+    """List the served model under each of its names."""
+    state = _state(request)
+    return {"object": "list",
+            "data": [_model_card(state, n) for n in state.engine.served_names()]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def model(model_id: str, request: Request):
-    """Describe the served model (404 for any other name)."""
+    """Describe the served model (404 for a name it does not serve)."""
     state = _state(request)
-    if not state.engine.matches_model(model_id):
+    engine = state.engine
+    if not engine.matches_model(model_id):
         raise APIError(404, f"the model {model_id!r} does not exist", "model",
                        "model_not_found")
-    return _model_card(state)
+    # The model's path or folder name answers with the served id; an alias (or,
+    # without --strict-model-name, any other name) answers as itself.
+    by_path = engine.knows_model(model_id) and model_id not in engine.served_names()
+    return _model_card(state, None if by_path else model_id)

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import mlx.core as mx
 from mlx.utils import tree_unflatten
 
+from ..errors import TiercacheError
 from ..store import layers as L
 from ..store.disk import DiskStore, RestorePlan, SaveResult
 from ..store.hashing import FORMAT_VERSION, model_files_fingerprint
@@ -45,7 +46,7 @@ _STATE_LEN = {
 }
 
 
-class InteropError(ValueError):
+class InteropError(TiercacheError, ValueError):
     """A prompt-cache file can't be exported or imported."""
 
 

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import TiercacheError
+
 __all__ = ["RenderError", "RenderedPrompt", "last_turn_start", "render_chat"]
 
 logger = logging.getLogger("tiercache.chat")
@@ -38,7 +40,7 @@ _SENTINELS = ("\u2063tiercache-sentinel-A\u2063", "#tiercache-sentinel-B#")
 _TURN_ROLES = ("user", "tool")
 
 
-class RenderError(ValueError):
+class RenderError(TiercacheError, ValueError):
     """The chat cannot be rendered (template error, tools without a template...)."""
 
 

@@ -21,6 +21,8 @@ import mlx.core as mx
 import numpy as np
 import xxhash
 
+from ..errors import TiercacheError
+
 TEMP_MARK = ".tmp-"
 FILE_MODE = 0o600
 DIR_MODE = 0o700
@@ -44,7 +46,7 @@ _DTYPES = {
 _BY_NAME = {name: (dt, npdt) for dt, (name, npdt) in _DTYPES.items()}
 
 
-class BlockFileError(Exception):
+class BlockFileError(TiercacheError):
     """A file is missing, truncated, corrupt or not in the expected layout."""
 
 

@@ -27,6 +27,7 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
+from ..errors import TiercacheError
 from . import layers as L
 from .blockfile import (
     DIR_MODE,
@@ -48,14 +49,12 @@ from .index import KIND_BLOCK, KIND_CHECKPOINT, KIND_TAIL, Index, IndexError_, R
 from .lookup import RestorePlan, find_longest_prefix
 from .restore import RestoreError, read_plan
 from .check import check_store
-from .layout import BLOCKS_DIR, CHECKPOINTS_DIR, INDEX_DIR
+from .layout import BLOCKS_DIR, CHECKPOINTS_DIR, DEFAULT_BLOCK_SIZE, INDEX_DIR
 
 log = logging.getLogger("tiercache.store.disk")
 
-DEFAULT_BLOCK_SIZE = 256
 
-
-class StoreError(Exception):
+class StoreError(TiercacheError):
     """The folder is not a usable tiercache store (wrong format, settings mismatch...)."""
 
 

@@ -33,6 +33,7 @@ from typing import Callable, Iterator, TypeVar
 
 import lmdb
 
+from ..errors import TiercacheError
 from .hashing import unpack_tokens
 
 KIND_BLOCK = 0
@@ -47,7 +48,7 @@ _FORMAT = b"format"
 T = TypeVar("T")
 
 
-class IndexError_(Exception):
+class IndexError_(TiercacheError):
     """The index can't be opened or used (not a store, corrupt LMDB...)."""
 
 

@@ -24,6 +24,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models import cache as mlc
 
+from ..errors import TiercacheError
 from .blockfile import as_numpy, dtype_name
 
 SPLITTABLE = ("KVCache", "QuantizedKVCache", "ConcatenateKVCache")
@@ -44,7 +45,7 @@ ALLOWED_CLASSES = {
 }
 
 
-class UnsupportedCacheError(ValueError):
+class UnsupportedCacheError(TiercacheError, ValueError):
     """A cache layer class we don't know how to store."""
 
 

@@ -17,13 +17,14 @@ from typing import Any, Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
+from ..errors import TiercacheError
 from . import layers as L
 from .blockfile import BlockFileError, HashingReader, as_numpy, mx_dtype, np_dtype
 from .index import Record
 from .lookup import RestorePlan
 
 
-class RestoreError(Exception):
+class RestoreError(TiercacheError):
     """A record's file is missing or corrupt; carries the record."""
 
     def __init__(self, record: Record, reason: str):

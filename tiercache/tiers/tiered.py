@@ -4,7 +4,8 @@
 * Disk tier: :class:`tiercache.store.disk.DiskStore` under ``disk_bytes``, written by a
   :class:`tiercache.tiers.writer.BackgroundWriter` so the generation thread never waits.
 * A lookup takes the memory result, asks the disk for a longer prefix, and restores
-  from disk when the disk offers at least ``min_promote_tokens`` more (any disk hit
+  from disk when reading it is expected to take less time than computing the tokens
+  memory lacks (:class:`tiercache.tiers.costmodel.PromotionCostModel`; any disk hit
   counts when memory has nothing); the restored snapshot is promoted into memory.
 * ``write_policy="through"`` persists every insert (dedup makes that cheap, and an
   eviction then costs nothing); ``"back"`` persists only what memory evicts.
@@ -24,51 +25,76 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Hashable, Sequence
 
 import mlx.core as mx
 
+from ..settings import WRITE_POLICIES
 from ..store import layers as L
 from ..store.disk import DiskStore
 from ..store.restore import RestoreError
 from ..store.hashing import Namespace, chain_root, checkpoint_id, next_hash, salt_bytes
 from ..store.index import KIND_BLOCK
+from .costmodel import PromotionCostModel
 from .memory import MemoryPromptCache
 from ..store.namespaces import cache_arrays, key_fingerprint, model_namespace
 from .writer import BackgroundWriter, WriteJob
 
 log = logging.getLogger("tiercache")
 
-WRITE_POLICIES = ("through", "back")
+UNLIMITED_BYTES = 1 << 63
+"""A memory budget this large (mlx-lm's default) is no budget."""
+
+TIER_MEMORY = "memory"
+TIER_DISK = "disk"
 
 
-@dataclass
-class FetchInfo:
-    """Where the tokens of the last :meth:`TieredPromptCache.fetch_nearest_cache` came from.
+@dataclass(frozen=True)
+class FetchResult:
+    """What one lookup found, and where its tokens came from.
+
+    New tiers (a writer-pending tier, a remote tier) report their own counts
+    under their own name in ``tokens_by_tier``; callers that read the
+    convenience properties keep working.
 
     Attributes:
-        query_tokens: length of the query.
-        memory_tokens: tokens served from the memory tier.
-        disk_tokens: tokens restored from disk (then promoted into memory).
-        restore_seconds: time spent restoring from disk.
+        prompt_cache: The cached prefix's KV snapshot (the caller's to extend),
+            or ``None`` on a miss.
+        rest: The tokens still to compute. Never empty for a non-empty query:
+            an exact hit gives back the last token (mlx-lm #1215).
+        query_tokens: Length of the query.
+        tokens_by_tier: Tokens served, keyed by tier name (``"memory"``,
+            ``"disk"``, ...); empty on a miss.
+        restore_seconds: Time spent restoring from a lower tier.
     """
 
+    prompt_cache: list | None
+    rest: list[int]
     query_tokens: int = 0
-    memory_tokens: int = 0
-    disk_tokens: int = 0
+    tokens_by_tier: dict[str, int] = field(default_factory=dict)
     restore_seconds: float = 0.0
 
     @property
     def cached_tokens(self) -> int:
-        return self.memory_tokens + self.disk_tokens
+        """Return the number of tokens served from any tier."""
+        return sum(self.tokens_by_tier.values())
+
+    @property
+    def memory_tokens(self) -> int:
+        """Return the number of tokens served from the memory tier."""
+        return self.tokens_by_tier.get(TIER_MEMORY, 0)
+
+    @property
+    def disk_tokens(self) -> int:
+        """Return the number of tokens restored from the disk tier."""
+        return self.tokens_by_tier.get(TIER_DISK, 0)
 
     @property
     def source(self) -> str:
-        """``"memory"``, ``"disk"`` or ``"none"``."""
-        if self.disk_tokens:
-            return "disk"
-        return "memory" if self.memory_tokens else "none"
+        """Return the tier that served the most tokens, or ``"none"`` on a miss."""
+        served = [(n, tier) for tier, n in self.tokens_by_tier.items() if n]
+        return max(served)[1] if served else "none"
 
 
 def _chain_ids_match(chain, root, ns, block_size: int) -> bool:
@@ -111,8 +137,10 @@ class TieredPromptCache:
         prewarm_bytes: after :meth:`register_model`, restore up to this many bytes of
             the model's most recently used snapshots into memory on a background
             thread, so the first requests after a restart are memory hits.
-        min_promote_tokens: disk must beat memory by this many tokens to be used
-            (default: one block).
+        cost_model: decides between a memory prefix and a longer disk one from
+            measured restore and prefill rates (default: a fresh
+            :class:`~tiercache.tiers.costmodel.PromotionCostModel`). Feed it real
+            prefill timings with :meth:`observe_prefill`.
         writer_queue_bytes: bound on snapshots waiting for the writer; beyond it the
             oldest pending writes are dropped and counted.
         handover: give trimmable memory entries to the caller instead of cloning
@@ -127,14 +155,14 @@ class TieredPromptCache:
     def __init__(
         self,
         max_size: int = 10,
-        max_bytes: int = 1 << 63,
+        max_bytes: int = UNLIMITED_BYTES,
         *,
         disk_dir=None,
         disk_bytes: int | None = None,
         block_size: int | None = None,
         write_policy: str = "through",
         prewarm_bytes: int = 0,
-        min_promote_tokens: int | None = None,
+        cost_model: PromotionCostModel | None = None,
         writer_queue_bytes: int = 2 << 30,
         handover: bool = True,
         keep_promoted: bool = True,
@@ -154,12 +182,10 @@ class TieredPromptCache:
             self.writer = BackgroundWriter(
                 self._write, max_queue_bytes=writer_queue_bytes, idle=self.disk.flush_touches
             )
-        bs = self.disk.block_size if self.disk else block_size
-        self.min_promote_tokens = bs if min_promote_tokens is None else min_promote_tokens
+        self.cost_model = cost_model if cost_model is not None else PromotionCostModel()
         self._ns_lock = threading.Lock()
         self._ns_by_key: dict[Hashable, Namespace] = {}
         self._files_fp: dict[Hashable, tuple | None] = {}
-        self._local = threading.local()
         self.counters = {
             "queries": 0,
             "query_tokens": 0,
@@ -211,6 +237,32 @@ class TieredPromptCache:
             self._prewarm_thread.start()
         return ns
 
+    def namespace_of(self, key: Hashable) -> Namespace | None:
+        """Return the disk namespace ``key`` is bound to, or ``None`` if not bound yet.
+
+        A key is bound by :meth:`register_model`, or by its first insert when the
+        key names a local model folder.
+        """
+        with self._ns_lock:
+            return self._ns_by_key.get(key)
+
+    def wait_prewarmed(self, timeout: float | None = None) -> bool:
+        """Wait until prewarming (started by :meth:`register_model`) has finished.
+
+        Args:
+            timeout: Most seconds to wait; ``None`` waits as long as it takes.
+
+        Returns:
+            True if no prewarm is running (finished, or none was started);
+            False if it is still running after ``timeout``.
+        """
+        with self._ns_lock:
+            thread = self._prewarm_thread
+        if thread is None:
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
+
     def _files(self, key: Hashable):
         if key not in self._files_fp:
             self._files_fp[key] = key_fingerprint(key, self.disk.file_digest)
@@ -252,34 +304,41 @@ class TieredPromptCache:
 
     # --- the LRUPromptCache interface ---------------------------------------------------
 
-    @property
-    def last_fetch(self) -> FetchInfo:
-        """Where the calling thread's last fetch got its tokens."""
-        return getattr(self._local, "info", FetchInfo())
-
     def fetch_nearest_cache(
         self, model: Hashable, tokens: Sequence[int], *, salt: str | bytes | None = None
-    ):
-        """Best cached prefix of ``tokens`` across both tiers.
+    ) -> tuple[list | None, list[int]]:
+        """Return the best cached prefix of ``tokens``, as mlx-lm's ``LRUPromptCache`` does.
+
+        A thin adapter over :meth:`fetch` for code written against mlx-lm.
 
         Returns:
-            ``(cache or None, remaining tokens)``. The remainder is never empty: an
-            exact hit gives back the last token (mlx-lm #1215). The cache belongs to
-            the caller. :attr:`last_fetch` says where the tokens came from.
+            ``(cache or None, remaining tokens)``; see :class:`FetchResult`.
+        """
+        result = self.fetch(model, tokens, salt=salt)
+        return result.prompt_cache, result.rest
+
+    def fetch(
+        self, model: Hashable, tokens: Sequence[int], salt: str | bytes | None = None
+    ) -> FetchResult:
+        """Look up the longest cached prefix of ``tokens`` across the tiers.
+
+        Args:
+            model: The cache key the snapshots were inserted under.
+            tokens: The query.
+            salt: Isolation salt; only snapshots inserted with the same salt match.
+
+        Returns:
+            A :class:`FetchResult`; its cache belongs to the caller.
         """
         tokens = tokens if type(tokens) is tuple else tuple(tokens)  # converted once
-        info = FetchInfo(query_tokens=len(tokens))
-        self._local.info = info
         self.counters["queries"] += 1
         self.counters["query_tokens"] += len(tokens)
         if not tokens:
-            return None, []
+            return FetchResult(None, [])
         limit = len(tokens) - 1
         sb = salt_bytes(salt)
         hit = self.memory.fetch((model, sb), tokens, limit=limit, handover=self.handover)
         mem_n = hit.n_tokens if hit else 0
-        # The disk is asked only when it could win: beat memory by min_promote_tokens
-        # (any disk hit counts when memory has nothing).
         plans = []
         cache, n, dt = None, 0, 0.0
         # The disk tier is best effort: an LMDB error, a closed store (server
@@ -287,20 +346,19 @@ class TieredPromptCache:
         # raise into the generation thread, nor lose the memory entry that may
         # already have been handed over above. Any failure is a disk miss.
         try:
-            if (
-                self.disk is not None
-                and not self._closed
-                and (mem_n == 0 or limit - mem_n >= max(1, self.min_promote_tokens))
-            ):
+            if self.disk is not None and not self._closed and limit > mem_n:
                 for ns in self._namespaces(model):
                     plan = self.disk.longest_prefix(ns, tokens, salt=sb, limit=limit)
                     if plan.n_tokens:
                         plans.append(plan)
-            disk_best = max((p.n_tokens for p in plans), default=0)
-            if disk_best > mem_n and (mem_n == 0 or disk_best - mem_n >= self.min_promote_tokens):
+            best = max(plans, key=lambda p: p.n_tokens, default=None)
+            best_bytes = sum(r.nbytes for r in best.records) if best is not None else 0
+            if best is not None and self.cost_model.prefer_disk(mem_n, best.n_tokens, best_bytes):
                 t0 = time.perf_counter()
                 cache, n = self._restore(plans, tokens, sb, limit)
                 dt = time.perf_counter() - t0
+                if n == best.n_tokens:  # a fallback after a bad file read other files
+                    self.cost_model.observe_restore(best_bytes, dt)
         except Exception as e:
             log.warning("disk lookup failed (serving from memory): %s", e)
             cache, n = None, 0
@@ -309,16 +367,22 @@ class TieredPromptCache:
                 self._give_back(model, sb, tokens, hit)
             if self.keep_promoted:
                 self.memory.insert((model, sb), tokens[:n], cache, cache_type="user")
-            info.disk_tokens, info.restore_seconds = n, dt
             self.counters["disk_hits"] += 1
             self.counters["disk_hit_tokens"] += n
             self.counters["promotions"] += 1
             self.counters["restore_seconds"] += dt
-            return cache, list(tokens[n:])
+            return FetchResult(cache, list(tokens[n:]), len(tokens), {TIER_DISK: n}, dt)
         if hit is None:
-            return None, list(tokens)
-        info.memory_tokens = mem_n
-        return hit.prompt_cache, list(tokens[mem_n:])
+            return FetchResult(None, list(tokens), len(tokens))
+        return FetchResult(hit.prompt_cache, list(tokens[mem_n:]), len(tokens), {TIER_MEMORY: mem_n})
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        """Report a prefill of ``tokens`` tokens that took ``seconds``.
+
+        Keeps the cost model's prefill rate (which weighs a longer disk prefix
+        against computing the tokens memory lacks) true to the model and machine.
+        """
+        self.cost_model.observe_prefill(tokens, seconds)
 
     def _restore(self, plans, tokens, salt, limit):
         """Restores the longest plan; a bad file makes the store fall back itself."""
@@ -426,7 +490,8 @@ class TieredPromptCache:
             "memory": {
                 "entries": len(self.memory),
                 "bytes": self.memory.nbytes,
-                "budget_bytes": self.memory.max_bytes,
+                # 1 << 63 (mlx-lm's default) means no budget: say so, not a 19-digit number.
+                "budget_bytes": self.memory.max_bytes if self.memory.max_bytes < UNLIMITED_BYTES else None,
                 "hits": m["hits"],
                 "hit_tokens": m["hit_tokens"],
                 "evictions": m["evictions"],
@@ -452,6 +517,7 @@ class TieredPromptCache:
                 "evictions": d["evicted_records"],
                 "corrupt_records": d["corrupt_records"],
                 "restore_seconds": self.counters["restore_seconds"],
+                "cost_model": self.cost_model.snapshot(),
             }
             out["writer"] = {
                 "queue_bytes": self.writer.queue_bytes,
@@ -532,10 +598,14 @@ class TieredPromptCache:
                         # tokens would serve KV of other tokens. Lookups compare
                         # tokens against the query's hashes; prewarm must too.
                         continue
-                    cache = self.disk.restore(plan_for(self.disk, view, rec))
+                    plan = plan_for(self.disk, view, rec)
+                    t0 = time.perf_counter()
+                    cache = self.disk.restore(plan)
                 except (ValueError, RestoreError):
                     continue
                 mx.eval(list(cache_arrays(cache)))
+                self.cost_model.observe_restore(sum(r.nbytes for r in plan.records),
+                                                time.perf_counter() - t0)
                 nbytes = sum(c.nbytes for c in cache)
                 if done + nbytes > budget or self.memory.nbytes + nbytes > self.memory.max_bytes:
                     continue
