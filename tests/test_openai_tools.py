@@ -14,9 +14,9 @@ import httpx
 import openai
 import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
-from server_helpers import start_server
 
 from tiercache.chat import render_chat
+from tiercache.tools.server_process import start_server
 
 pytestmark = pytest.mark.slow
 
