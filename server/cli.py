@@ -8,6 +8,7 @@ with a clean error), flush the cache writer within ``--flush-timeout`` and exit 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from collections.abc import Sequence
@@ -42,11 +43,16 @@ class _Server:
         return Server(config)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, hard_exit: bool = True) -> int:
     """Run the server until a signal arrives.
 
     Args:
         argv: Command-line arguments (default ``sys.argv[1:]``).
+        hard_exit: Once uvicorn has stopped (the lifespan has stopped the
+            worker and flushed and closed the cache), end the process with
+            ``os._exit`` so native threads left by MLX cannot abort
+            interpreter teardown ("terminate called without an active
+            exception", seen as exit status -6), as the mlx_lm drop-in does.
 
     Returns:
         Process exit status (also passed to ``sys.exit`` when run as a script).
@@ -101,6 +107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not server.started and state["exit"] == 0:
         # uvicorn could not start (message already logged).
         state["exit"] = 1
+    if hard_exit:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(state["exit"])
     return state["exit"]
 
 

@@ -73,7 +73,8 @@ SERVER_SETTINGS: tuple[Setting, ...] = (
     Setting("--max-tokens", parse_positive_int, 512,
             "Default maximum completion tokens per request", metavar="N"),
     Setting("--api-key", parse_text, None,
-            "Require 'Authorization: Bearer KEY' on every route but /health", metavar="KEY",
+            "Require 'Authorization: Bearer KEY' (or 'x-api-key: KEY') on every route "
+            "but /health", metavar="KEY",
             shown_default="none"),
     Setting("--log-level", choice(LOG_LEVELS, upper=True), "INFO", "Logging level",
             metavar="LEVEL"),

@@ -10,11 +10,12 @@ derives from the root:
 * ``tiercache.store.blockfile.BlockFileError`` — a block file is missing or corrupt.
 * ``tiercache.store.restore.RestoreError`` — a record can't be restored.
 * ``tiercache.store.layers.UnsupportedCacheError`` — a cache layer class we can't store.
+* ``tiercache.chat.render.RenderError`` — a chat can't be rendered by the model's template.
 * ``tiercache.admin.interop.InteropError`` — a prompt-cache file can't be exported
   or imported.
 
 Errors that are about a caller's bad argument also derive from ``ValueError``
-(``ConfigError``, ``UnsupportedCacheError``, ``InteropError``), so code written
+(``ConfigError``, ``UnsupportedCacheError``, ``RenderError``, ``InteropError``), so code written
 against the standard exception keeps working.
 """
 
