@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ServerConfig
+from .output_events import OutputEvents, _StopText  # noqa: F401  (_StopText: tests)
 
 logger = logging.getLogger("tiercache.server")
 
@@ -52,10 +53,23 @@ class GenParams:
         seed: Optional random seed.
         stops: Stop strings (not included in the output).
         salt: Cache isolation salt.
-        user_start: Token position where the last user message starts
-            (chat requests on models with non-trimmable cache layers).
+        user_start: Token position where the last user or tool-result
+            message starts (chat requests on models with non-trimmable
+            cache layers).
         arrived: ``time.perf_counter()`` when the request arrived.
         request_id: For the log line.
+        top_k: Sample among the ``top_k`` most likely tokens (0 = all).
+        min_p: Minimum probability relative to the top token (0 = off).
+        presence_penalty: Additive penalty on tokens already generated.
+        frequency_penalty: Additive penalty proportional to a token's count.
+        repetition_penalty: Multiplicative penalty on repeated tokens.
+        logit_bias: Token id -> additive logit bias.
+        chat: Parse the output into content, reasoning and tool calls
+            (:class:`tiercache.chat.OutputParser`); False for plain completions.
+        tools: The tools the prompt was rendered with (tool calls are only
+            parsed when there are some).
+        reasoning: Route the model's thinking to ``("reasoning", text)`` events.
+        parallel_tool_calls: When False, generation ends after the first tool call.
     """
 
     tokens: list[int]
@@ -68,36 +82,35 @@ class GenParams:
     arrived: float = field(default_factory=time.perf_counter)
     request_id: str = ""
     user_start: int = 0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[int, float] | None = None
+    chat: bool = False
+    tools: list | None = None
+    reasoning: bool = False
+    parallel_tool_calls: bool = True
 
 
-class _StopText:
-    """Holds back text that might be the start of a stop string."""
+def make_token_sampler(p: GenParams):
+    """Return mlx-lm's sampler for the request's sampling parameters."""
+    from mlx_lm.sample_utils import make_sampler
 
-    def __init__(self, stops: Sequence[str]):
-        self.stops = list(stops)
-        self.keep = max((len(s) for s in self.stops), default=1) - 1
-        self.text = ""
-        self.sent = 0
+    return make_sampler(p.temperature, top_p=p.top_p, min_p=p.min_p, top_k=p.top_k)
 
-    def feed(self, piece: str) -> tuple[str, bool]:
-        """Add generated text; return (text safe to send, stop hit)."""
-        self.text += piece
-        if self.stops:
-            hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
-            if hits:
-                end = min(hits)
-                out, self.sent = self.text[self.sent:end], end
-                return out, True
-        end = len(self.text) - self.keep
-        if end > self.sent:
-            out, self.sent = self.text[self.sent:end], end
-            return out, False
-        return "", False
 
-    def flush(self) -> str:
-        """Return whatever is still held back."""
-        out, self.sent = self.text[self.sent:], len(self.text)
-        return out
+def make_token_processors(p: GenParams) -> list:
+    """Return mlx-lm's logits processors for the request's penalties and biases."""
+    from mlx_lm.sample_utils import make_logits_processors
+
+    return make_logits_processors(
+        logit_bias=p.logit_bias or None,
+        repetition_penalty=p.repetition_penalty,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+    )
 
 
 def _cache_offset(prompt_cache: list) -> int | None:
@@ -204,50 +217,43 @@ class Engine:
         return bool(self.model_path) and name in (self.model_path, Path(self.model_path).name)
 
     # ------------------------------------------------------------ tokenize
-    def chat_request_tokens(self, messages: list[dict]) -> tuple[list[int], int]:
-        """Tokenize a chat and find where its last user message starts.
+    def render(self, messages: list[dict], tools: list | None = None,
+               template_kwargs: dict | None = None):
+        """Render a chat with the model's template (:func:`tiercache.chat.render_chat`).
 
-        The position is only computed for models with non-trimmable cache
-        layers, which need a checkpoint there (see ``tiercache.tiers.checkpoints``).
+        The last user / tool-result message start is only computed for models
+        with non-trimmable cache layers, which need a checkpoint there (see
+        ``tiercache.tiers.checkpoints``).
 
         Args:
-            messages: ``[{"role", "content"}]`` with string contents.
+            messages: Hugging Face chat-template message dicts.
+            tools: OpenAI function tools, or None.
+            template_kwargs: Extra template variables (``enable_thinking``...).
 
         Returns:
-            ``(prompt token ids, last user message start or 0)``.
-        """
-        tokens = self.chat_tokens(messages)
-        user_start = 0
-        if not self.trimmable and getattr(self.tokenizer, "has_chat_template", False):
-            try:
-                from tiercache.tiers.checkpoints import last_user_message_start
+            A :class:`tiercache.chat.RenderedPrompt`.
 
-                user_start = last_user_message_start(self.tokenizer, messages)
-            except Exception as exc:  # a missing checkpoint only costs speed
-                logger.debug("no user-start checkpoint: %s", exc)
-        return tokens, user_start
+        Raises:
+            RequestError: If the chat cannot be rendered.
+        """
+        from tiercache.chat import RenderError, render_chat
+
+        try:
+            return render_chat(self.tokenizer, messages, tools=tools,
+                               template_kwargs=template_kwargs,
+                               need_user_start=not self.trimmable)
+        except RenderError as exc:
+            raise RequestError(str(exc), "messages") from None
 
     def chat_tokens(self, messages: list[dict]) -> list[int]:
-        """Render chat messages with the model's template and tokenize.
+        """Render chat messages (no tools) and return the prompt token ids."""
+        return self.render(messages).tokens
 
-        Args:
-            messages: ``[{"role", "content"}]`` with string contents.
-
-        Returns:
-            Prompt token ids ending with the assistant generation prompt.
-        """
-        tok = self.tokenizer
-        if getattr(tok, "has_chat_template", False):
-            try:
-                out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            except Exception as exc:  # template errors are the request's fault
-                raise RequestError(f"chat template failed: {exc}", "messages") from None
-            if isinstance(out, dict) or hasattr(out, "keys"):
-                out = out["input_ids"]
-            return [int(t) for t in out]
-        lines = [f"{m['role']}: {m['content']}" for m in messages]
-        text = "\n".join(lines) + "\nassistant:"
-        return list(tok.encode(text))
+    def thinking_default(self, template_kwargs: dict | None) -> bool:
+        """Whether the model thinks for a request with these template variables."""
+        if not getattr(self.tokenizer, "has_thinking", False):
+            return False
+        return (template_kwargs or {}).get("enable_thinking", True) is not False
 
     def prompt_tokens(self, prompt: Any) -> list[int]:
         """Tokenize a completion prompt (string) or pass token ids through."""
@@ -307,8 +313,10 @@ class Engine:
     def generate(self, p: GenParams, emit: Callable[[tuple], None], cancelled: Callable[[], bool]):
         """Serve one request on the worker thread.
 
-        Emits ``("start", info)``, then ``("text", piece)`` events, then
-        ``("done", finish_reason, usage)``. Whatever was computed (also
+        Emits ``("start", usage)``, then ``("text", str)``,
+        ``("reasoning", str)`` and ``("tool_call", ToolCallEvent)`` events,
+        then ``("done", finish_reason, usage)``; ``finish_reason`` is
+        ``"tool_calls"`` when a tool call was emitted. Whatever was computed (also
         after a cancel) is inserted into the cache.
 
         Args:
@@ -323,8 +331,6 @@ class Engine:
             make_prompt_cache,
             trim_prompt_cache,
         )
-        from mlx_lm.sample_utils import make_sampler
-
         tokens = list(p.tokens)
         t_start = time.perf_counter()
         try:
@@ -359,7 +365,8 @@ class Engine:
 
         if p.seed is not None:
             mx.random.seed(p.seed)
-        sampler = make_sampler(p.temperature, top_p=p.top_p)
+        sampler = make_token_sampler(p)
+        processors = make_token_processors(p)
 
         def progress(done: int, total: int) -> None:
             if cancelled():
@@ -369,9 +376,8 @@ class Engine:
             rest = self._checkpointed_prefill(p, tokens, rest, cached, prompt_cache)
 
         generated: list[int] = []
-        stopper = _StopText(p.stops)
+        out = OutputEvents(p, self.tokenizer, tokens, emit)
         finish = "length"
-        stop_hit = False
         t_first: float | None = None
         prefill_done: float | None = None
         stream = stream_generate(
@@ -381,6 +387,7 @@ class Engine:
             max_tokens=p.max_tokens,
             sampler=sampler,
             prompt_cache=prompt_cache,
+            logits_processors=processors or None,
             prefill_step_size=self.cfg.prefill_step_size,
             prompt_progress_callback=progress,
         )
@@ -390,11 +397,8 @@ class Engine:
                     t_first = time.perf_counter()
                     prefill_done = t_first
                 generated.append(int(gen.token))
-                out, hit = stopper.feed(gen.text)
-                if out:
-                    emit(("text", out))
-                if hit:
-                    finish, stop_hit = "stop", True
+                if out.feed(gen.text):
+                    finish = "stop"
                     break
                 if gen.finish_reason is not None:
                     finish = gen.finish_reason
@@ -406,10 +410,10 @@ class Engine:
             finish = "cancelled"
         finally:
             stream.close()
-        if not stop_hit and finish != "cancelled":
-            tail = stopper.flush()
-            if tail:
-                emit(("text", tail))
+        if finish != "cancelled":
+            out.finish()
+        if out.tool_calls and finish != "cancelled":
+            finish = "tool_calls"
         t_end = time.perf_counter()
 
         usage["completion_tokens"] = len(generated)
@@ -457,7 +461,10 @@ class Engine:
             The tokens still to feed (the last prompt token).
         """
         try:
-            from tiercache.tiers.checkpoints import CheckpointPolicy, prefill_with_checkpoints
+            from tiercache.tiers.checkpoints import (
+                CheckpointPolicy,
+                prefill_with_checkpoints,
+            )
         except ImportError:
             return rest
         policy = CheckpointPolicy(min_tokens=self.cfg.block_size)

@@ -550,7 +550,7 @@ def warm(ctx, dir, model_path, prompts, prefill_step_size, block_size, disk_byte
     import mlx_lm
     from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
 
-    from tiercache.tiers.checkpoints import CheckpointPolicy, last_user_message_start, prefill_with_checkpoints
+    from tiercache.tiers.checkpoints import CheckpointPolicy, prefill_with_checkpoints
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -574,7 +574,8 @@ def warm(ctx, dir, model_path, prompts, prefill_step_size, block_size, disk_byte
         with progress:
             task = progress.add_task("warm", total=len(items))
             for item in items:
-                toks = prompt_tokens(tokenizer, item)
+                rendered = prompt_tokens(tokenizer, item, need_user_start=True)
+                toks = rendered.tokens
                 target = toks[:-1]
                 if not target:
                     summary["skipped_short"] += 1
@@ -590,9 +591,7 @@ def warm(ctx, dir, model_path, prompts, prefill_step_size, block_size, disk_byte
                     else:
                         # Recurrent state depends on where prefill splits: split and
                         # snapshot exactly where the server would (checkpoints.py).
-                        user_start = 0
-                        if "messages" in item:
-                            user_start = last_user_message_start(tokenizer, item["messages"])
+                        user_start = rendered.user_start
                         policy = CheckpointPolicy(min_tokens=store.block_size)
                         stops = policy.stops(prompt_len=len(toks), user_start=user_start, trimmable=False)
                         stops = sorted(set(stops) | {len(target)})
