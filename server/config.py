@@ -106,6 +106,18 @@ def _choice(options: Sequence[str], upper: bool = False) -> Callable[[str], str]
     return parse
 
 
+def _bool(text: Any) -> bool:
+    """Parse a switch: given alone it is on; ``true``/``1``/``yes``/``on`` or ``false``..."""
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"invalid switch value {text!r} (use true or false)")
+
+
 def _size_or_none(text: str) -> int | None:
     if str(text).strip().lower() in ("", "none"):
         return None
@@ -136,6 +148,9 @@ class ServerConfig:
         flush_timeout: Seconds to wait for the disk writer at shutdown.
         writer_queue_bytes: Bound on snapshots waiting for the disk writer;
             beyond it the oldest pending writes are dropped (and counted).
+        keep_billing_header: Render Claude Code's ``x-anthropic-billing-header``
+            system block (dropped by default: a per-request value in it would
+            defeat the prefix cache).
     """
 
     model: str | None = None
@@ -155,6 +170,7 @@ class ServerConfig:
     max_queue: int = 64
     flush_timeout: float = 10.0
     writer_queue_bytes: int = 2 << 30
+    keep_billing_header: bool = False
 
 
 # (flag, parser, help). Defaults come from ServerConfig.
@@ -183,6 +199,9 @@ _FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--writer-queue-bytes", parse_size, ("Bound on snapshots waiting for the disk writer; "
                                           "beyond it the oldest pending writes are dropped "
                                           "(counted in /metrics)")),
+    ("--keep-billing-header", _bool, ("Keep Claude Code's x-anthropic-billing-header system "
+                                      "block in the rendered prompt (dropped by default: its "
+                                      "per-request value breaks prefix caching)")),
 ]
 
 
@@ -219,12 +238,14 @@ def build_parser(prog: str = "tiercache-server") -> argparse.ArgumentParser:
         shown = "demo model" if dest == "model" else ("None" if default is None else default)
         if dest == "api_key":
             shown = "None"
+        switch = {"nargs": "?", "const": True} if kind is _bool else {}
         parser.add_argument(
             flag,
             type=kind,
             default=None,
             dest=dest,
             help=f"{text} (default: {shown}; env: {env_name(flag)})",
+            **switch,
         )
     return parser
 

@@ -7,8 +7,9 @@ events with :func:`next_event`:
 * ``("text", str)`` content text (stop strings already applied),
 * ``("reasoning", str)`` thinking text,
 * ``("tool_call", tiercache.chat.ToolCallEvent)`` one parsed tool call,
-* ``("done", finish_reason, usage)`` with ``finish_reason`` one of ``"stop"``,
-  ``"length"``, ``"tool_calls"``, ``"cancelled"``,
+* ``("done", finish_reason, usage, stop_sequence)`` with ``finish_reason`` one of
+  ``"stop"``, ``"length"``, ``"tool_calls"``, ``"cancelled"`` and ``stop_sequence``
+  the stop string that ended generation (or None),
 * ``("error", exception)`` if generation failed.
 
 Errors are raised as :class:`server.errors.APIError` (status, message, param,
@@ -89,6 +90,9 @@ class PromptSpec:
         stops: Stop strings (applied to content text; not included).
         salt: Cache isolation salt.
         prompt: Text or token ids (plain completions only).
+        clamp_max_tokens: Lower ``max_tokens`` to what fits the context
+            instead of refusing the request (Anthropic clients send a fixed
+            large ``max_tokens`` meant as an upper bound).
     """
 
     model: str | None = None
@@ -105,6 +109,7 @@ class PromptSpec:
     stops: list[str] = field(default_factory=list)
     salt: str | None = None
     prompt: str | list[int] | None = None
+    clamp_max_tokens: bool = False
 
 
 @dataclass(kw_only=True)
@@ -178,8 +183,12 @@ async def render_spec(state: ServerState, spec: ChatSpec):
 
 def _params(state: ServerState, spec: PromptSpec, tokens: list[int], **extra) -> GenParams:
     _check_bias(state, spec.logit_bias)
+    requested = spec.max_tokens
+    ctx = state.engine.context_length
+    if spec.clamp_max_tokens and requested is not None and ctx and len(tokens) < ctx:
+        requested = min(requested, ctx - len(tokens))
     try:
-        max_tokens = state.engine.resolve_max_tokens(tokens, spec.max_tokens)
+        max_tokens = state.engine.resolve_max_tokens(tokens, requested)
     except RequestError as exc:
         raise APIError(400, str(exc), exc.param, exc.code) from None
     return GenParams(
