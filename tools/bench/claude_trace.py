@@ -56,6 +56,7 @@ def script(workdir: Path) -> list[tuple[str, dict]]:
     ]
 
 
+DEFAULT_TOOLS = "Bash,Read"
 FINAL_TEXT = "It is a tiny calculator that sums numbers.txt (total 29)."
 SIDE_TEXT = "Scratch calculator"
 
@@ -231,8 +232,19 @@ def load_trace(path: str | os.PathLike) -> dict:
     return data
 
 
-def record(claude: str, prompt: str, model: str, timeout: float) -> tuple[dict, str]:
-    """Run Claude Code against the stand-in; return ``(trace, claude's output)``."""
+def record(claude: str, prompt: str, model: str, timeout: float,
+           tools: str | None = DEFAULT_TOOLS) -> tuple[dict, str]:
+    """Run Claude Code against the stand-in; return ``(trace, claude's output)``.
+
+    Args:
+        claude: The ``claude`` executable.
+        prompt: The task given with ``-p``.
+        model: The ``--model`` name sent.
+        timeout: Seconds Claude Code may run.
+        tools: Claude Code's ``--tools`` (the tool definitions it sends);
+            None sends its whole default set (about 38K demo-model tokens,
+            more than the demo model's context).
+    """
     tmp = Path(tempfile.mkdtemp(prefix="claude-trace-"))
     try:
         home, work = tmp / "home", tmp / "project"
@@ -242,7 +254,8 @@ def record(claude: str, prompt: str, model: str, timeout: float) -> tuple[dict, 
             (work / name).write_text(text)
         with StandIn(script(work)) as stand_in:
             proc = subprocess.run(
-                [claude, "-p", prompt, "--model", model, "--allowedTools", "Bash,Read"],
+                [claude, "-p", prompt, "--model", model, "--allowedTools", "Bash,Read",
+                 *(["--tools", tools] if tools else [])],
                 cwd=work, env=claude_env(stand_in.url, home), capture_output=True,
                 text=True, timeout=timeout)
             requests = list(stand_in.requests)
@@ -252,6 +265,7 @@ def record(claude: str, prompt: str, model: str, timeout: float) -> tuple[dict, 
         text = json.dumps(requests).replace(str(work), "/tmp/claude-trace/project")
         text = text.replace(str(home), "/tmp/claude-trace/home")
         trace = {"claude_code_version": version, "model": model, "prompt": prompt,
+                 "tools_flag": tools,
                  "exit_code": proc.returncode, **shared_form(json.loads(text))}
         return trace, proc.stdout + proc.stderr
     finally:
@@ -266,11 +280,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", default=DEFAULT_PROMPT)
     ap.add_argument("--model", default="tiercache-demo")
     ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--tools", default=DEFAULT_TOOLS,
+                    help="Claude Code --tools ('default': its whole tool set)")
     args = ap.parse_args(argv)
     claude = args.claude or find_claude()
     if claude is None:
         ap.error("Claude Code not found: npm install --prefix .ci @anthropic-ai/claude-code")
-    trace, output = record(claude, args.prompt, args.model, args.timeout)
+    tools = None if args.tools == "default" else args.tools
+    trace, output = record(claude, args.prompt, args.model, args.timeout, tools)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(trace, indent=1, ensure_ascii=False) + "\n")
     n = sum(1 for r in trace["requests"] if r.get("path") == "/v1/messages")
