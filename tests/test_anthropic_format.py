@@ -250,6 +250,19 @@ def test_stream_events_come_in_anthropic_order():
     assert _events(b.error(500, "boom"))[0][1]["error"]["type"] == "api_error"
 
 
+def test_answer_after_thinking_starts_at_its_first_character():
+    c = ContentCollector()
+    c.thinking("hm")
+    for piece in ("\n", "\n", "Hi\n", "there"):
+        c.text(piece)
+    assert c.blocks[1] == {"type": "text", "text": "Hi\nthere"}
+    b = StreamBuilder("msg_1", "m")
+    chunks = b.thinking("hm") + b.text("\n\n") + b.text("\nHi") + b.text("\n")
+    texts = [d["delta"]["text"] for e, d in _events(chunks) if d.get("delta", {}).get("type")
+             == "text_delta"]
+    assert texts == ["Hi", "\n"]
+
+
 def test_empty_stream_has_no_content_blocks():
     b = StreamBuilder("msg_1", "m")
     events = _events(b.start(None) + b.text("") + b.finish("stop", "END", None))

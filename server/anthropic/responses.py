@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # A thinking block's signature normally proves the thinking came from the API.
 # Ours proves nothing; clients only need a stable non-empty string to send back.
@@ -160,6 +160,26 @@ def message_body(msg_id: str, model: str, content: list[dict], finish: str,
     }
 
 
+class _AfterThinking:
+    """Drops the newlines a template puts between ``</think>`` and the answer.
+
+    The answer block then starts with its first real character, like the
+    API's; chat templates strip those newlines when they re-render a reply.
+    """
+
+    def __init__(self):
+        self.stripping = False
+
+    def text(self, piece: str) -> str:
+        if self.stripping:
+            piece = piece.lstrip("\n")
+            self.stripping = piece == ""
+        return piece
+
+    def thinking(self) -> None:
+        self.stripping = True
+
+
 class ContentCollector:
     """Gather engine output events into the content blocks of one message.
 
@@ -169,13 +189,15 @@ class ContentCollector:
 
     def __init__(self):
         self.blocks: list[dict] = []
+        self._after = _AfterThinking()
 
     def text(self, piece: str) -> None:
         """Append generated answer text."""
-        self._append("text", "text", piece)
+        self._append("text", "text", self._after.text(piece))
 
     def thinking(self, piece: str) -> None:
         """Append generated reasoning text."""
+        self._after.thinking()
         self._append("thinking", "thinking", piece)
 
     def tool_use(self, call_id: str | None, name: str, arguments_json: str) -> None:
@@ -220,6 +242,7 @@ class StreamBuilder:
     model: str
     _index: int = -1
     _open: str | None = None
+    _after: _AfterThinking = field(default_factory=_AfterThinking)
 
     def start(self, usage: dict | None) -> list[str]:
         """Return ``message_start`` with an empty content list and the prompt usage."""
@@ -229,6 +252,7 @@ class StreamBuilder:
 
     def text(self, piece: str) -> list[str]:
         """Return the events for a piece of answer text."""
+        piece = self._after.text(piece)
         if not piece:
             return []
         out = self._ensure("text", {"type": "text", "text": ""})
@@ -237,6 +261,7 @@ class StreamBuilder:
 
     def thinking(self, piece: str) -> list[str]:
         """Return the events for a piece of reasoning text."""
+        self._after.thinking()
         if not piece:
             return []
         out = self._ensure("thinking", {"type": "thinking", "thinking": "", "signature": ""})
