@@ -36,6 +36,7 @@ _KNOWN_PATHS = {
     "/v1/cache/stats": "cache_stats",
     "/v1/cache/reset": "cache_reset",
     "/health": "health",
+    "/": "root",
     "/metrics": "metrics",
 }
 
@@ -163,4 +164,5 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
     app.include_router(openai_routes.router)
     app.include_router(admin_routes.router)
     app.include_router(anthropic_routes.router)
+    app.include_router(anthropic_routes.public_router)
     return app

@@ -31,6 +31,9 @@ logger = logging.getLogger("tiercache.server")
 
 router = APIRouter(dependencies=[Depends(require_key)])
 
+#: Routes without the API key: Claude Code checks ``HEAD /`` before its first call.
+public_router = APIRouter()
+
 #: Seconds without output after which a stream gets an ``event: ping`` (a long
 #: prefill must not look like a dead connection to the client).
 PING_SECONDS = 5.0
@@ -151,3 +154,9 @@ async def count_tokens(body: CountTokensRequest, request: Request):
     state = _state(request)
     rendered = await render_spec(state, chat_spec(state, body))
     return {"input_tokens": len(rendered.tokens)}
+
+
+@public_router.api_route("/", methods=["GET", "HEAD"])
+async def root():
+    """Answer the connectivity check clients make on the base URL."""
+    return {"name": "tiercache", "status": "ok"}
