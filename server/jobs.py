@@ -10,7 +10,8 @@ events with :func:`next_event`:
 * ``("done", finish_reason, usage, stop_sequence)`` with ``finish_reason`` one of
   ``"stop"``, ``"length"``, ``"tool_calls"``, ``"cancelled"`` and ``stop_sequence``
   the stop string that ended generation (or None),
-* ``("error", exception)`` if generation failed.
+* ``("error", exception)`` if generation failed,
+* ``("ping",)`` only from :func:`next_event` with ``ping_after`` (no event for a while).
 
 Errors are raised as :class:`server.errors.APIError` (status, message, param,
 code); a router with another error shape converts them in its handler.
@@ -275,16 +276,28 @@ async def _run(state: ServerState, params: GenParams, request: Request) -> tuple
     return job, first[1]
 
 
-async def next_event(job: Job, request: Request) -> tuple:
+async def next_event(job: Job, request: Request, ping_after: float | None = None) -> tuple:
     """Return the job's next event; cancel the job if the client went away.
+
+    Args:
+        job: The running job.
+        request: Its HTTP request (polled for a disconnect every second).
+        ping_after: If set, return ``("ping",)`` after this many seconds
+            without an event (so a streaming router can keep the client
+            alive during a long prefill); the job keeps running.
 
     Raises:
         ClientGone: The client disconnected (the job is cancelled).
     """
+    loop = asyncio.get_running_loop()
+    deadline = None if ping_after is None else loop.time() + ping_after
     while True:
+        wait = POLL_SECONDS if deadline is None else min(POLL_SECONDS, deadline - loop.time())
         try:
-            return await asyncio.wait_for(job.events.get(), timeout=POLL_SECONDS)
+            return await asyncio.wait_for(job.events.get(), timeout=max(wait, 0.0))
         except TimeoutError:
             if await request.is_disconnected():
                 job.cancel()
                 raise ClientGone() from None
+            if deadline is not None and loop.time() >= deadline:
+                return ("ping",)

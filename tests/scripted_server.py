@@ -17,7 +17,6 @@ import os
 import sys
 
 import mlx.core as mx
-
 from tiercache.server import engine as engine_module
 from tiercache.server.cli import main
 

@@ -13,9 +13,9 @@ import json
 
 import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
-
-from tiercache.chat import OutputParser, ReasoningDelta, TextDelta, ToolCallEvent
 from tiercache.server.output_events import OutputEvents
+
+from tiercache.chat import OutputParser, TextDelta, ToolCallEvent
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather of a city",

@@ -250,9 +250,9 @@ def test_tool_loop_turn_reuses_generated_call(scripted_server):
     first = client.chat.completions.create(model="demo", messages=msgs, tools=TOOLS, seed=3)
     reply = first.choices[0].message
     (call,) = reply.tool_calls
-    msgs += [{"role": "assistant", "content": reply.content,
-              "reasoning_content": reply.model_extra["reasoning_content"],
-              "tool_calls": [call.model_dump()]},
+    assert reply.model_extra["reasoning_content"] == "\nCheck again.\n"
+    # The reply goes back as the SDK returned it (as in the README's snippet).
+    msgs += [reply.model_dump(exclude_none=True),
              {"role": "tool", "tool_call_id": call.id, "content": "rain again"}]
     second = client.chat.completions.create(model="demo", messages=msgs, tools=TOOLS, seed=2)
     # The reply (thinking, text and tool call) re-renders token for token, so the
@@ -268,8 +268,8 @@ def test_hybrid_checkpoint_at_tool_result(tiny_hybrid_path, tmp_path):
                         "--max-tokens", "4"], tmp_path / "server.log")
     try:
         client = _client(srv)
-        first = client.chat.completions.create(model="m", messages=_history("result one"),
-                                               tools=TOOLS, max_tokens=4)
+        first = client.chat.completions.create(
+            model="tiny-hybrid", messages=_history("result one"), tools=TOOLS, max_tokens=4)
         assert _cached(first.usage) == 0
         # Another result for the same call (a retried tool): the prompt diverges
         # inside the tool result, so only the checkpoint at its start can serve it.
@@ -277,8 +277,8 @@ def test_hybrid_checkpoint_at_tool_result(tiny_hybrid_path, tmp_path):
                            need_user_start=True)
         assert 16 <= want.user_start < len(want.tokens)
         assert tok.decode(want.tokens[:want.user_start]).endswith("<tool_response>\n")
-        second = client.chat.completions.create(model="m", messages=_history("other result"),
-                                                tools=TOOLS, max_tokens=4)
+        second = client.chat.completions.create(
+            model="tiny-hybrid", messages=_history("other result"), tools=TOOLS, max_tokens=4)
         assert _cached(second.usage) == want.user_start
     finally:
         assert srv.stop() == 0, srv.log()

@@ -6,7 +6,6 @@ Errors come out in Anthropic's shape (see :func:`server.errors.error_for_path`).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -22,7 +21,7 @@ from ..anthropic.responses import (
 )
 from ..anthropic.schemas import CountTokensRequest, MessagesRequest
 from ..anthropic.translate import TranslationError, translate
-from ..errors import APIError, error_for_path
+from ..errors import APIError, ClientGone, error_for_path
 from ..jobs import ChatSpec, ServerState, next_event, render_spec, submit_chat
 from ..worker import Job
 from .auth import require_key
@@ -86,7 +85,7 @@ async def messages(body: MessagesRequest, request: Request):
     job, usage = await submit_chat(state, spec, request)
     model = body.model or state.engine.model_id
     if body.stream:
-        gen = _stream(job, StreamBuilder(message_id(), model), usage)
+        gen = _stream(job, StreamBuilder(message_id(), model), usage, request)
         return StreamingResponse(gen, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     content = ContentCollector()
@@ -111,7 +110,8 @@ async def messages(body: MessagesRequest, request: Request):
     return message_body(message_id(), model, content.blocks, finish, stop, usage)
 
 
-async def _stream(job: Job, builder: StreamBuilder, usage: dict) -> AsyncIterator[str]:
+async def _stream(job: Job, builder: StreamBuilder, usage: dict,
+                  request: Request) -> AsyncIterator[str]:
     finished = False
     try:
         for out in builder.start(usage):
@@ -119,11 +119,12 @@ async def _stream(job: Job, builder: StreamBuilder, usage: dict) -> AsyncIterato
         yield PING
         while True:
             try:
-                ev = await asyncio.wait_for(job.events.get(), timeout=PING_SECONDS)
-            except TimeoutError:
-                yield PING  # still prefilling (or a slow token): keep the client waiting
-                continue
-            if ev[0] == "text":
+                ev = await next_event(job, request, ping_after=PING_SECONDS)
+            except ClientGone:
+                return  # the job is cancelled; nobody reads the rest
+            if ev[0] == "ping":
+                outs = [PING]  # still prefilling (or a slow token): keep the client waiting
+            elif ev[0] == "text":
                 outs = builder.text(ev[1])
             elif ev[0] == "reasoning":
                 outs = builder.thinking(ev[1])

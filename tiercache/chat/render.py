@@ -20,11 +20,14 @@ and ``tools`` are OpenAI function tools
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["RenderError", "RenderedPrompt", "last_turn_start", "render_chat"]
+
+logger = logging.getLogger("tiercache.chat")
 
 #: Two sentinels with different first characters: the common prefix of the real
 #: rendering with *both* stops before the message content even if that content
@@ -164,7 +167,7 @@ def render_chat(tokenizer: Any, messages: list[dict], tools: list | None = None,
         template_kwargs: Extra template variables (``enable_thinking``...).
         need_user_start: Also compute :attr:`RenderedPrompt.user_start` (two
             more renderings; models with non-trimmable cache layers need it
-            for their checkpoint).
+            for their checkpoint). 0 if the template refuses the sentinel.
 
     Returns:
         The prompt tokens and, if asked for, the last user/tool message start.
@@ -177,5 +180,8 @@ def render_chat(tokenizer: Any, messages: list[dict], tools: list | None = None,
     tokens = _tokens(tokenizer, messages, tools, kwargs)
     user_start = 0
     if need_user_start and getattr(tokenizer, "has_chat_template", False):
-        user_start = last_turn_start(tokenizer, messages, tokens, tools, kwargs)
+        try:
+            user_start = last_turn_start(tokenizer, messages, tokens, tools, kwargs)
+        except RenderError as exc:  # a missing checkpoint only costs speed
+            logger.debug("no user-start position: %s", exc)
     return RenderedPrompt(tokens=tokens, user_start=user_start)
