@@ -190,6 +190,7 @@ def test_stop_reasons_and_error_bodies():
     assert stop_reason("tool_calls") == "tool_use"
     assert error_body(401, "no")["error"] == {"type": "authentication_error", "message": "no"}
     assert error_body(529, "busy")["error"]["type"] == "overloaded_error"
+    assert error_body(429, "queue full")["error"]["type"] == "overloaded_error"
     assert error_body(500, "x") == {"type": "error",
                                     "error": {"type": "api_error", "message": "x"}}
     assert error_body(404, "x")["error"]["type"] == "not_found_error"

@@ -22,7 +22,7 @@ _ERROR_TYPES = {
     405: "invalid_request_error",
     413: "request_too_large",
     422: "invalid_request_error",
-    429: "rate_limit_error",
+    429: "overloaded_error",  # only a full queue answers 429 here: not a rate limit
     499: "invalid_request_error",
     500: "api_error",
     503: "overloaded_error",
