@@ -269,3 +269,15 @@ def test_empty_stream_has_no_content_blocks():
     events = _events(b.start(None) + b.text("") + b.finish("stop", "END", None))
     assert [e for e, _ in events] == ["message_start", "message_delta", "message_stop"]
     assert events[1][1]["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "END"}
+
+
+def test_keep_billing_header_flag_and_env():
+    from tiercache.server.config import parse_config
+
+    assert parse_config([]).keep_billing_header is False
+    assert parse_config(["--keep-billing-header"]).keep_billing_header is True
+    assert parse_config(["--keep-billing-header", "false"]).keep_billing_header is False
+    env = {"TIERCACHE_KEEP_BILLING_HEADER": "1"}
+    assert parse_config([], env=env).keep_billing_header is True
+    with pytest.raises(SystemExit):
+        parse_config(["--keep-billing-header", "maybe"])

@@ -41,12 +41,15 @@ class ToolUseBlock(_Lenient):
     input: dict[str, Any] = Field(default_factory=dict)
 
 
+_ResultPart = Annotated[TextBlock | ImageBlock, Field(discriminator="type")]
+
+
 class ToolResultBlock(_Lenient):
     """The result of a tool call, sent in a user message."""
 
     type: Literal["tool_result"]
     tool_use_id: str
-    content: str | list[Annotated[TextBlock | ImageBlock, Field(discriminator="type")]] | None = None
+    content: str | list[_ResultPart] | None = None
     is_error: bool = False
 
 
