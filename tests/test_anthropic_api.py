@@ -252,8 +252,7 @@ def test_errors_come_in_anthropic_shape(server):
         {"type": "text", "text": "what is this?"}]}
     assert "image" in _error(httpx.post(url, headers=auth, json=dict(ok, messages=[image])),
                              400, "invalid_request_error")
-    _error(httpx.post(url, headers=auth, json=dict(ok, model="claude-other")), 404,
-           "not_found_error")
+    _error(httpx.post(url + "/nope", headers=auth, json=ok), 404, "not_found_error")
     _error(httpx.get(url, headers=auth), 405, "invalid_request_error")
     _error(httpx.post(url + "/count_tokens", headers=auth, json={"messages": []}), 400,
            "invalid_request_error")
