@@ -215,7 +215,7 @@ def test_collector_and_message_body():
                                   "signature": THINKING_SIGNATURE}
     assert body["content"][1] == {"type": "text", "text": "Calling."}
     tool = body["content"][2]
-    assert tool["id"].startswith("toolu_") and tool["input"] == {"command": "ls"}
+    assert tool["id"] == "toolu_abc" and tool["input"] == {"command": "ls"}
     assert body["stop_reason"] == "tool_use" and body["stop_sequence"] is None
 
 

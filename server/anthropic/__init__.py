@@ -5,5 +5,5 @@
   template kwargs (pure, deterministic: the same history renders the same tokens).
 * :mod:`.responses`: response bodies, usage, stop reasons, the streaming event
   builder and error bodies (pure).
-* :mod:`.routes`: the FastAPI router.
+* ``server/routes/anthropic.py``: the FastAPI router.
 """

@@ -44,16 +44,19 @@ def message_id() -> str:
 
 
 def tool_use_id(call_id: str | None = None) -> str:
-    """Return a ``toolu_`` id, keeping an engine-given id's own characters.
+    """Return the ``toolu_`` id of a tool call.
 
     Args:
-        call_id: The id the output parser gave the tool call, if any.
+        call_id: The id the output parser gave the call (``call_...``), if any.
 
     Returns:
-        ``call_id`` if it already starts with ``toolu_``, else ``toolu_`` + hex.
+        ``call_id`` if it already starts with ``toolu_``, ``toolu_`` + the rest
+        of a ``call_`` id, or a fresh ``toolu_`` + 24 hex digits.
     """
     if call_id and call_id.startswith("toolu_"):
         return call_id
+    if call_id:
+        return "toolu_" + call_id.removeprefix("call_")
     return "toolu_" + uuid.uuid4().hex[:24]
 
 
