@@ -16,10 +16,11 @@ from starlette.concurrency import run_in_threadpool
 from .config import ServerConfig
 from .dashboard import dashboard_router
 from .engine import Engine
-from .errors import APIError, error_response, install_handlers
+from .errors import APIError, error_for_path, install_handlers
 from .jobs import ServerState
 from .metrics import Metrics
 from .routes import admin as admin_routes
+from .routes import anthropic as anthropic_routes
 from .routes import openai as openai_routes
 from .routes.auth import require_key
 from .worker import Worker
@@ -32,10 +33,13 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 _KNOWN_PATHS = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completions",
+    "/v1/messages": "messages",
+    "/v1/messages/count_tokens": "count_tokens",
     "/v1/models": "models",
     "/v1/cache/stats": "cache_stats",
     "/v1/cache/reset": "cache_reset",
     "/health": "health",
+    "/": "root",
     "/metrics": "metrics",
     "/dashboard": "dashboard",
     "/v1/dashboard/requests": "dashboard_requests",
@@ -84,8 +88,9 @@ class BodyLimit:
                 except ValueError:
                     too_big = False
                 if too_big:
-                    resp = error_response(
-                        413, f"request body is larger than {self.limit} bytes", None,
+                    resp = error_for_path(
+                        scope.get("path", ""), 413,
+                        f"request body is larger than {self.limit} bytes", None,
                         "body_too_large")
                     return await resp(scope, receive, send)
         seen = 0
@@ -167,5 +172,7 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
 
     app.include_router(openai_routes.router)
     app.include_router(admin_routes.router)
+    app.include_router(anthropic_routes.router)
+    app.include_router(anthropic_routes.public_router)
     app.include_router(dashboard_router(engine, metrics.recent, require_key))
     return app

@@ -89,6 +89,9 @@ SERVER_SETTINGS: tuple[Setting, ...] = (
     Setting("--strict-model-name", parse_switch, False,
             "Refuse (404) requests naming a model other than the served name, its aliases or "
             "--model; by default any name is served by the loaded model", switch=True),
+    Setting("--keep-billing-header", parse_switch, False,
+            "Keep Claude Code's x-anthropic-billing-header system block in the rendered prompt "
+            "(dropped by default: its per-request value breaks prefix caching)", switch=True),
 )
 ALL_SETTINGS: tuple[Setting, ...] = SERVER_SETTINGS + CACHE_SETTINGS
 

@@ -355,8 +355,9 @@ class Engine:
 
         Emits ``("start", usage)``, then ``("text", str)``,
         ``("reasoning", str)`` and ``("tool_call", ToolCallEvent)`` events,
-        then ``("done", finish_reason, usage)``; ``finish_reason`` is
-        ``"tool_calls"`` when a tool call was emitted. Whatever was computed (also
+        then ``("done", finish_reason, usage, stop_sequence)``; ``finish_reason`` is
+        ``"tool_calls"`` when a tool call was emitted, ``stop_sequence`` the stop
+        string that ended generation (or None). Whatever was computed (also
         after a cancel) is inserted into the cache.
 
         Args:
@@ -466,7 +467,7 @@ class Engine:
 
         usage["completion_tokens"] = len(generated)
         usage["total_tokens"] = len(tokens) + len(generated)
-        emit(("done", finish, usage))
+        emit(("done", finish, usage, out.stop_sequence))
         # The worker serves the next request only after this insert, so a
         # follow-up request always sees it.
         self._insert(tokens + generated, prompt_cache, p.salt, can_trim_prompt_cache,

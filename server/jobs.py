@@ -7,8 +7,9 @@ events with :func:`next_event`:
 * ``("text", str)`` content text (stop strings already applied),
 * ``("reasoning", str)`` thinking text,
 * ``("tool_call", tiercache.chat.ToolCallEvent)`` one parsed tool call,
-* ``("done", finish_reason, usage)`` with ``finish_reason`` one of ``"stop"``,
-  ``"length"``, ``"tool_calls"``, ``"cancelled"``,
+* ``("done", finish_reason, usage, stop_sequence)`` with ``finish_reason`` one of
+  ``"stop"``, ``"length"``, ``"tool_calls"``, ``"cancelled"`` and ``stop_sequence``
+  the stop string that ended generation (or None),
 * ``("error", exception)`` if generation failed,
 * ``("ping",)`` only from :func:`next_event` with ``ping_after`` (no event for a while).
 
@@ -93,6 +94,9 @@ class PromptSpec:
         prompt: Text or token ids (plain completions only).
         api: The client API, for the dashboard (``"openai.chat"``,
             ``"openai.completions"``, ``"anthropic.messages"``...).
+        clamp_max_tokens: Lower ``max_tokens`` to what fits the context
+            instead of refusing the request (Anthropic clients send a fixed
+            large ``max_tokens`` meant as an upper bound).
     """
 
     model: str | None = None
@@ -110,6 +114,7 @@ class PromptSpec:
     salt: str | None = None
     prompt: str | list[int] | None = None
     api: str = "openai.chat"
+    clamp_max_tokens: bool = False
 
 
 @dataclass(kw_only=True)
@@ -183,8 +188,12 @@ async def render_spec(state: ServerState, spec: ChatSpec):
 
 def _params(state: ServerState, spec: PromptSpec, tokens: list[int], **extra) -> GenParams:
     _check_bias(state, spec.logit_bias)
+    requested = spec.max_tokens
+    ctx = state.engine.context_length
+    if spec.clamp_max_tokens and requested is not None and ctx and len(tokens) < ctx:
+        requested = min(requested, ctx - len(tokens))
     try:
-        max_tokens = state.engine.resolve_max_tokens(tokens, spec.max_tokens)
+        max_tokens = state.engine.resolve_max_tokens(tokens, requested)
     except RequestError as exc:
         raise APIError(400, str(exc), exc.param, exc.code) from None
     return GenParams(

@@ -14,14 +14,15 @@ class _StopText:
         self.keep = max((len(s) for s in self.stops), default=1) - 1
         self.text = ""
         self.sent = 0
+        self.matched: str | None = None
 
     def feed(self, piece: str) -> tuple[str, bool]:
         """Add generated text; return (text safe to send, stop hit)."""
         self.text += piece
         if self.stops:
-            hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
+            hits = [(i, s) for s in self.stops if (i := self.text.find(s, self.sent)) >= 0]
             if hits:
-                end = min(hits)
+                end, self.matched = min(hits)
                 out, self.sent = self.text[self.sent:end], end
                 return out, True
         end = len(self.text) - self.keep
@@ -61,6 +62,11 @@ class OutputEvents:
         self.single_call = not p.parallel_tool_calls
         self.tool_calls = 0
         self.done = False
+
+    @property
+    def stop_sequence(self) -> str | None:
+        """The stop string that ended generation, if one did."""
+        return self.stopper.matched
 
     def feed(self, piece: str) -> bool:
         """Handle a generated piece; return True when generation must stop."""
