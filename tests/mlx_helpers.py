@@ -14,7 +14,7 @@ from typing import Sequence
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 
 def _as_list(tokens) -> list[int]:
@@ -144,3 +144,14 @@ def first_logits(model, cache, tokens: Sequence[int]) -> np.ndarray:
     """
     logits = prefill(model, tokens, cache, step=None)
     return np.array(logits.astype(mx.float32))
+
+
+def token_valued_kv(tokens: Sequence[int], head_dim: int = 8) -> KVCache:
+    """Return a one-head ``KVCache`` whose rows hold their token ids (keys) and
+    their negation (values): cheap synthetic KV whose content says what it covers."""
+    t = np.asarray(tokens, dtype=np.float32)
+    k = mx.array(np.broadcast_to(t[None, None, :, None], (1, 1, len(t), head_dim)).copy())
+    c = KVCache()
+    c.update_and_fetch(k, -k)
+    mx.eval(c.keys, c.values)
+    return c

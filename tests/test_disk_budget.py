@@ -5,23 +5,14 @@ from __future__ import annotations
 import time
 
 import mlx.core as mx
-import numpy as np
-from mlx_lm.models.cache import KVCache
 
 from tiercache.store.disk import DiskStore
 from tiercache.store.hashing import block_hashes, chain_root
 from tiercache.store.layers import describe_cache
 
+from mlx_helpers import token_valued_kv
+
 B = 4
-
-
-def _cache(tokens):
-    t = np.asarray(tokens, dtype=np.float32)
-    k = mx.array(np.broadcast_to(t[None, None, :, None], (1, 1, len(t), 8)).copy())
-    c = KVCache()
-    c.update_and_fetch(k, -k)
-    mx.eval(c.keys, c.values)
-    return c
 
 
 def _disk_bytes(store):
@@ -30,14 +21,14 @@ def _disk_bytes(store):
 
 def test_lru_leaf_first(tmp_path):
     probe = DiskStore(tmp_path / "probe", block_size=B)
-    ns0 = probe.register_namespace(b"\x01" * 16, describe_cache([_cache([1])]), {})
-    probe.save(ns0, [1, 2, 3, 4], [_cache([1, 2, 3, 4])])
+    ns0 = probe.register_namespace(b"\x01" * 16, describe_cache([token_valued_kv([1])]), {})
+    probe.save(ns0, [1, 2, 3, 4], [token_valued_kv([1, 2, 3, 4])])
     S = probe.total_bytes()  # every full block file has this size
     probe.close()
 
     budget = 5 * S
     store = DiskStore(tmp_path / "s", block_size=B, disk_bytes=budget)
-    ns = store.register_namespace(b"\x01" * 16, describe_cache([_cache([1])]), {})
+    ns = store.register_namespace(b"\x01" * 16, describe_cache([token_valued_kv([1])]), {})
     root = chain_root(ns)
     snaps = {
         "A": [10, 11, 12, 13, 14, 15, 16, 17],
@@ -52,7 +43,7 @@ def test_lru_leaf_first(tmp_path):
             name.setdefault(h, f"{s.lower()}{i + 1}")  # c1 is a1
 
     def save(s):
-        res = store.save(ns, snaps[s], [_cache(snaps[s])])
+        res = store.save(ns, snaps[s], [token_valued_kv(snaps[s])])
         assert store.total_bytes() <= budget and _disk_bytes(store) <= budget
         time.sleep(0.02)
         return res
@@ -90,13 +81,13 @@ def test_lru_leaf_first(tmp_path):
 
 def test_snapshot_bigger_than_budget(tmp_path):
     store = DiskStore(tmp_path / "s", block_size=B)
-    ns = store.register_namespace(b"\x02" * 16, describe_cache([_cache([1])]), {})
+    ns = store.register_namespace(b"\x02" * 16, describe_cache([token_valued_kv([1])]), {})
     toks = list(range(3, 17))  # 3 blocks + a 2-token tail
-    store.save(ns, toks[:4], [_cache(toks[:4])])
+    store.save(ns, toks[:4], [token_valued_kv(toks[:4])])
     S = store.total_bytes()
     store.clear()
     store.disk_bytes = 2 * S
-    store.save(ns, toks, [_cache(toks)])
+    store.save(ns, toks, [token_valued_kv(toks)])
     # Leaves go first: the tail, then the last block; the first two blocks stay.
     assert store.total_bytes() <= 2 * S and _disk_bytes(store) <= 2 * S
     assert store.n_records() == 2
@@ -110,10 +101,10 @@ def test_snapshot_bigger_than_budget(tmp_path):
 
 def _filled_store(path, budget=None):
     store = DiskStore(path, block_size=B, disk_bytes=budget)
-    ns = store.register_namespace(b"\x03" * 16, describe_cache([_cache([1])]), {})
+    ns = store.register_namespace(b"\x03" * 16, describe_cache([token_valued_kv([1])]), {})
     for k in range(4):
         toks = [5, 6, 7, 8] + [20 * k + i for i in range(3 + 3 * k)]  # shared first block
-        store.save(ns, toks, [_cache(toks)])
+        store.save(ns, toks, [token_valued_kv(toks)])
         time.sleep(0.01)
     return store, ns
 

@@ -4,33 +4,24 @@ from __future__ import annotations
 
 import time
 
-import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import KVCache
 
 from tiercache.store.disk import DiskStore
 from tiercache.store.layers import describe_cache
 
+from mlx_helpers import token_valued_kv
+
 B = 4
-
-
-def _cache(tokens):
-    t = np.asarray(tokens, dtype=np.float32)
-    k = mx.array(np.broadcast_to(t[None, None, :, None], (1, 1, len(t), 8)).copy())
-    c = KVCache()
-    c.update_and_fetch(k, -k)
-    mx.eval(c.keys, c.values)
-    return c
 
 
 def test_recent_snapshots(tmp_path):
     store = DiskStore(tmp_path / "s", block_size=B)
-    ns = store.register_namespace(b"\x04" * 16, describe_cache([_cache([1])]), {})
+    ns = store.register_namespace(b"\x04" * 16, describe_cache([token_valued_kv([1])]), {})
     snaps = {"a": [10, 11, 12, 13, 14, 15], "b": [20, 21, 22, 23, 24, 25, 26, 27], "c": [30, 31, 32]}
     for name in "abc":
-        store.save(ns, snaps[name], [_cache(snaps[name])])
+        store.save(ns, snaps[name], [token_valued_kv(snaps[name])])
         time.sleep(0.01)
-    store.save(ns, [40, 41, 42, 43, 44], [_cache([40, 41, 42, 43, 44])], salt="tenant")
+    store.save(ns, [40, 41, 42, 43, 44], [token_valued_kv([40, 41, 42, 43, 44])], salt="tenant")
     got = store.recent_snapshots(ns, 1 << 30)
     assert [s.tokens for s in got] == [snaps["c"], snaps["b"], snaps["a"]]  # salted one skipped
     for s in got:

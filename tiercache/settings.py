@@ -98,16 +98,21 @@ def parse_budget(text: Any) -> int | None:
     return size
 
 
+def _parse_int(text: Any, what: str = "integer") -> int:
+    """Parse an integer, refusing anything else with ``bad <what>``."""
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise ConfigError(f"bad {what} {text!r}") from None
+
+
 def parse_positive_int(text: Any) -> int:
     """Parse an integer greater than 0.
 
     Raises:
         ConfigError: Otherwise.
     """
-    try:
-        value = int(str(text).strip())
-    except ValueError:
-        raise ConfigError(f"bad integer {text!r}") from None
+    value = _parse_int(text)
     if value <= 0:
         raise ConfigError(f"must be a positive integer, got {text!r}")
     return value
@@ -145,10 +150,7 @@ def parse_port(text: Any) -> int:
     Raises:
         ConfigError: Otherwise.
     """
-    try:
-        value = int(str(text).strip())
-    except ValueError:
-        raise ConfigError(f"bad port {text!r}") from None
+    value = _parse_int(text, "port")
     if not 0 <= value <= 65535:
         raise ConfigError(f"port must be in 0..65535, got {text!r}")
     return value
@@ -234,10 +236,7 @@ def parse_non_negative_int(text: Any) -> int:
     Raises:
         ConfigError: Otherwise.
     """
-    try:
-        value = int(str(text).strip())
-    except ValueError:
-        raise ConfigError(f"bad integer {text!r}") from None
+    value = _parse_int(text)
     if value < 0:
         raise ConfigError(f"must not be negative, got {text!r}")
     return value
