@@ -52,7 +52,7 @@ class StoreView:
 
 
 def load_view(store: DiskStore) -> StoreView:
-    """Reads the whole index in one read transaction."""
+    """Read the whole index in one read transaction."""
     view = StoreView()
     ix = store.index
     with ix.read() as txn:

@@ -35,7 +35,7 @@ return false
 
 
 def check_url(url: str) -> str:
-    """Returns ``url`` if it is a Redis URL we accept.
+    """Return ``url`` if it is a Redis URL we accept.
 
     Raises:
         ValueError: for another scheme or a URL without a host or socket path.
@@ -169,7 +169,7 @@ class RemoteClient:
                 self.counters[k] += v
 
     def _call(self, fn: Callable[[], object], what: str):
-        """Runs ``fn`` if the breaker allows; None when refused or failed."""
+        """Run ``fn`` if the breaker allows; None when refused or failed."""
         if not self.breaker.allow():
             self._count(skipped=1)
             return None
@@ -216,7 +216,7 @@ class RemoteClient:
         return int(i) - 1, value
 
     def put_many(self, items: Sequence[tuple[str, bytes]], ttl: int | None) -> bool:
-        """Stores values in one pipeline; ``ttl`` seconds each (None: no expiry)."""
+        """Store values in one pipeline; ``ttl`` seconds each (None: no expiry)."""
         if not items:
             return True
 
@@ -232,12 +232,12 @@ class RemoteClient:
         return ok
 
     def delete(self, keys: Sequence[str]) -> int:
-        """Deletes keys (the CLI); how many existed."""
+        """Delete keys (the CLI); return how many existed."""
         out = self._call(lambda: self._write.delete(*keys), "delete") if keys else 0
         return int(out or 0)
 
     def scan(self, pattern: str, count: int = 1000):
-        """Yields ``(key, value length, first header bytes)`` for every key matching
+        """Yield ``(key, value length, first header bytes)`` for every key matching
         ``pattern``, pipelining STRLEN and GETRANGE per SCAN page.
 
         Raises:

@@ -98,7 +98,7 @@ class RemoteRecord:
 
 
 def decode(raw: bytes) -> RemoteRecord:
-    """Parses a value without checking it against a prompt (inspection).
+    """Parse a value without checking it against a prompt (inspection).
 
     Raises:
         RemoteRecordError: if the value is not a record of this version or its
@@ -130,7 +130,7 @@ def decode_verified(
     position: int,
     kinds: tuple[int, ...],
 ) -> RemoteRecord:
-    """Parses a value and checks it belongs exactly where the lookup expects it.
+    """Parse a value and check it belongs exactly where the lookup expects it.
 
     Args:
         raw: the value read under the key of ``record_id``.

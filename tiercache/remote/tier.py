@@ -260,13 +260,13 @@ class RemoteTier:
         plan.chain, plan.last, plan.n_tokens = chain[:j], rr.record, end
 
     def note_rejected(self, reason: str) -> None:
-        """Counts a hit the caller could not use (its bytes did not build a cache)."""
+        """Count a hit the caller could not use (its bytes did not build a cache)."""
         self._count(rejected=1)
         log.warning("remote hit not restored: %s", reason)
 
     def restore(self, hit: RemoteHit, file_path: Callable[[Record], Path],
                 geometry: list | None = None) -> list | None:
-        """Builds the cache from the fetched bytes (and local files for local records).
+        """Build the cache from the fetched bytes (and local files for local records).
 
         Args:
             hit: What the chain walk found.
@@ -293,7 +293,7 @@ class RemoteTier:
     # --- push ---------------------------------------------------------------------
 
     def push(self, ns: bytes, records: Sequence[Record], file_path: Callable[[Record], Path]) -> None:
-        """Queues records the local disk just committed (never blocks)."""
+        """Queue records the local disk just committed (never blocks)."""
         if not records:
             return
         self._read_file = file_path
@@ -352,7 +352,7 @@ class RemoteTier:
             self._count(dropped_pushes=len(items))
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Waits until queued pushes are done. Returns False on timeout."""
+        """Wait until queued pushes are done; return False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while self._queue or self._busy:
@@ -391,7 +391,7 @@ class RemoteTier:
         }
 
     def close(self, timeout: float = 5.0) -> None:
-        """Drains the push queue (bounded), then stops the pusher and disconnects."""
+        """Drain the push queue (bounded), then stop the pusher and disconnect."""
         self.flush(timeout)
         with self._cond:
             self._stop = True

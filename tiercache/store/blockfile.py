@@ -109,7 +109,7 @@ def _header_bytes(tensors: Sequence[TensorSource], metadata: dict[str, str]) -> 
 
 
 def _write_rows(f, h, arr: np.ndarray) -> None:
-    """Writes ``arr`` in C order without copying when its inner rows are contiguous."""
+    """Write ``arr`` in C order without copying when its inner rows are contiguous."""
     if arr.size == 0:  # e.g. the empty tail of a checkpoint taken on a block boundary
         return
     if arr.flags.c_contiguous:
@@ -129,7 +129,7 @@ def _write_rows(f, h, arr: np.ndarray) -> None:
 
 
 def fsync_dir(path: Path) -> None:
-    """Makes a rename durable. A no-op where directories can't be opened (Windows)."""
+    """Make a rename durable. A no-op where directories can't be opened (Windows)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -143,7 +143,7 @@ def fsync_dir(path: Path) -> None:
 
 
 def make_private_dirs(folder: Path) -> None:
-    """Creates ``folder`` and its missing parents, each 0700.
+    """Create ``folder`` and its missing parents, each 0700.
 
     (``Path.mkdir(parents=True)`` gives the parents the default mode.)
     """
@@ -160,7 +160,7 @@ def make_private_dirs(folder: Path) -> None:
 def write_tensor_file(
     path: Path, tensors: Sequence[TensorSource], metadata: dict[str, str]
 ) -> tuple[int, int]:
-    """Writes a safetensors file durably: temp name, fsync, rename, fsync dir.
+    """Write a safetensors file durably: temp name, fsync, rename, fsync dir.
 
     Args:
         path: final file path; its folder is created (0700) if needed.
@@ -198,7 +198,7 @@ def write_tensor_file(
 
 
 def write_bytes_file(path: Path, data: bytes) -> None:
-    """Writes a file's bytes durably, as :func:`write_tensor_file` does (temp name,
+    """Write a file's bytes durably, as :func:`write_tensor_file` does (temp name,
     fsync, rename, fsync dir): records copied from another store keep their bytes."""
     make_private_dirs(path.parent)
     if path.parent.is_symlink() or path.parent.parent.is_symlink():
@@ -273,7 +273,7 @@ class HashingReader:
         return data
 
     def readinto(self, mv: memoryview) -> None:
-        """Fills ``mv`` with the next bytes of the data section."""
+        """Fill ``mv`` with the next bytes of the data section."""
         n = mv.nbytes
         got = 0
         while got < n:
@@ -285,7 +285,7 @@ class HashingReader:
         self.pos += n
 
     def skip_to(self, data_offset: int) -> None:
-        """Reads (and hashes) up to ``data_offset`` of the data section."""
+        """Read (and hash) up to ``data_offset`` of the data section."""
         gap = data_offset - self.pos
         if gap < 0:
             raise BlockFileError("tensors out of order")
@@ -293,7 +293,7 @@ class HashingReader:
             self.readinto(memoryview(bytearray(gap)))
 
     def finish(self, expected_checksum: int | None) -> None:
-        """Hashes the rest of the file and checks the checksum."""
+        """Hash the rest of the file and check the checksum."""
         rest = self.f.read()
         self.h.update(rest)
         self.close()

@@ -51,7 +51,7 @@ def _digest(data: bytes) -> bytes:
 
 
 def pack_tokens(tokens: Sequence[int]) -> bytes:
-    """Packs token ids as little-endian uint32, the byte form that is hashed and stored.
+    """Pack token ids as little-endian uint32, the byte form that is hashed and stored.
 
     Args:
         tokens: token ids, each in ``[0, 2**32)``.
@@ -87,7 +87,7 @@ def unpack_tokens(data: bytes) -> list[int]:
 
 
 def salt_bytes(salt: str | bytes | None) -> bytes:
-    """Normalises a tenant salt to bytes (UTF-8 for strings, empty for ``None``)."""
+    """Normalise a tenant salt to bytes (UTF-8 for strings, empty for ``None``)."""
     if salt is None:
         return b""
     if isinstance(salt, str):

@@ -108,7 +108,7 @@ def to_host(prompt_cache: list) -> list[HostLayer]:
 
 
 def from_host(host: list[HostLayer], n_tokens: int) -> list:
-    """Rebuilds mlx-lm cache objects from :func:`to_host` views, holding ``n_tokens``.
+    """Rebuild mlx-lm cache objects from :func:`to_host` views, holding ``n_tokens``.
 
     The inverse of ``to_host`` followed by a restore of the first ``n_tokens``
     tokens: splittable layers get their first ``n_tokens`` rows copied into new
@@ -278,7 +278,7 @@ def kv_suffixes(desc: dict) -> list[str]:
 
 
 def build_splittable(desc: dict, arrays: dict[str, mx.array], n_tokens: int) -> Any:
-    """Rebuilds a splittable layer whose arrays hold ``n_tokens`` live rows (KVCache and
+    """Rebuild a splittable layer whose arrays hold ``n_tokens`` live rows (KVCache and
     QuantizedKVCache buffers may have spare rows after them)."""
     cls = ALLOWED_CLASSES[desc["class"]]
     if desc["class"] == "QuantizedKVCache":

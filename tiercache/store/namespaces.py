@@ -140,7 +140,7 @@ def model_namespace(
     draft_model_path=None,
     draft_model: Any = None,
 ) -> Namespace:
-    """Registers (if new) and returns the namespace of a model in a store.
+    """Register (if new) and return the namespace of a model in a store.
 
     Args:
         store: a :class:`tiercache.store.disk.DiskStore`.

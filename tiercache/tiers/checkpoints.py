@@ -180,7 +180,7 @@ def prefill_with_checkpoints(
     *,
     offset: int | None = None,
 ) -> dict[int, list]:
-    """Prefills ``tokens`` into ``cache`` following the chunk-boundary rule.
+    """Prefill ``tokens`` into ``cache`` following the chunk-boundary rule.
 
     Args:
         model: an mlx-lm model.

@@ -239,7 +239,7 @@ class TieredPromptCache:
         draft_model_path=None,
         draft_model: Any = None,
     ) -> Namespace | None:
-        """Binds a cache key to the namespace of a loaded model (probes its cache
+        """Bind a cache key to the namespace of a loaded model (probe its cache
         layout). An adapter and a draft model are part of the namespace."""
         if self.disk is None:
             return None
@@ -458,7 +458,7 @@ class TieredPromptCache:
         return None
 
     def _serve_remote(self, model, salt, tokens, hit, remote) -> FetchResult:
-        """Hands a remote hit to the caller; its records go to local disk via the writer."""
+        """Hand a remote hit to the caller; its records go to local disk via the writer."""
         ns, cache, found, dt = remote
         n = found.n_tokens
         if hit is not None and hit.prompt_cache is not None:
@@ -480,7 +480,7 @@ class TieredPromptCache:
         self.cost_model.observe_prefill(tokens, seconds)
 
     def _restore(self, plans, tokens, salt, limit):
-        """Restores the longest plan; a bad file makes the store fall back itself."""
+        """Restore the longest plan; a bad file makes the store fall back itself."""
         for plan in sorted(plans, key=lambda p: -p.n_tokens):
             cache, n = self.disk.fetch(plan.namespace, tokens, salt=salt, limit=limit, plan=plan)
             if cache is not None:
@@ -503,7 +503,7 @@ class TieredPromptCache:
         cache_type: str = "assistant",
         salt: str | bytes | None = None,
     ) -> None:
-        """Stores a snapshot in memory and (write-through) queues it for disk.
+        """Store a snapshot in memory and (write-through) queue it for disk.
 
         The arrays are evaluated here, on the caller's thread; the writer only
         reads evaluated buffers. Costs the caller no disk I/O.
@@ -558,7 +558,7 @@ class TieredPromptCache:
             self._submit(model, salt, tokens, prompt_cache)
 
     def trim_to(self, *, n_sequences: int | None = None, n_bytes: int | None = None) -> None:
-        """Shrinks the memory tier (evicted snapshots stay on, or go to, disk)."""
+        """Shrink the memory tier (evicted snapshots stay on, or go to, disk)."""
         self.memory.trim_to(n_sequences=n_sequences, n_bytes=n_bytes)
 
     @property
@@ -635,7 +635,7 @@ class TieredPromptCache:
         return out
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Waits for pending disk writes (tests, benchmarks, shutdown)."""
+        """Wait for pending disk writes (tests, benchmarks, shutdown)."""
         if self.writer is None:
             return True
         ok = self.writer.flush(timeout)
@@ -645,7 +645,7 @@ class TieredPromptCache:
         return ok
 
     def clear(self, tier: str | None = None) -> None:
-        """Empties the memory tier, the disk tier, or both (``tier=None``)."""
+        """Empty the memory tier, the disk tier, or both (``tier=None``)."""
         if tier not in (None, "memory", "disk"):
             raise ValueError("tier must be 'memory', 'disk' or None")
         if tier in (None, "memory"):
@@ -655,7 +655,7 @@ class TieredPromptCache:
             self.disk.clear()
 
     def close(self, flush_timeout: float = 10.0) -> bool:
-        """Drains the writer (bounded) and closes the store. Returns False if writes
+        """Drain the writer (bounded) and close the store; return False if writes
         were dropped because the timeout passed."""
         if self._closed:
             return True
@@ -682,7 +682,7 @@ class TieredPromptCache:
         self.close()
 
     def _prewarm(self, key: Hashable, ns: Namespace, budget: int) -> None:
-        """Restores the most recently used snapshots of ``ns`` into memory.
+        """Restore the most recently used snapshots of ``ns`` into memory.
 
         Runs MLX on this thread, which MLX supports since 0.31.2 as long as arrays
         are evaluated before another thread uses them: every restored array is

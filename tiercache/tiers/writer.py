@@ -70,7 +70,7 @@ class BackgroundWriter:
         self._thread.start()
 
     def submit(self, job: WriteJob) -> bool:
-        """Queues a job; never blocks. Returns False if the job itself was dropped."""
+        """Queue a job; never block. Return False if the job itself was dropped."""
         with self._cond:
             if self._stop:
                 return False
@@ -86,7 +86,7 @@ class BackgroundWriter:
             return True
 
     def _drop_oldest(self) -> None:
-        """Drops the oldest pending job (lock held), releasing its bytes."""
+        """Drop the oldest pending job (lock held), releasing its bytes."""
         job = self._queue.popleft()
         self.queue_bytes -= job.nbytes
         self._count_drop(job)
@@ -159,7 +159,7 @@ class BackgroundWriter:
             return len(self._queue) + (1 if self._busy else 0)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Waits until every queued job is written. Returns False on timeout."""
+        """Wait until every queued job is written; return False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while self._queue or self._busy:
@@ -170,7 +170,7 @@ class BackgroundWriter:
         return True
 
     def close(self, timeout: float | None = 10.0) -> bool:
-        """Drains within ``timeout``, then stops; what is left is dropped and counted."""
+        """Drain within ``timeout``, then stop; what is left is dropped and counted."""
         done = self.flush(timeout)
         with self._cond:
             self._stop = True
