@@ -94,7 +94,7 @@ def _plan_and_tokens(store: DiskStore, what: Any) -> tuple[RestorePlan, list[int
 
 
 def _store_holding(folder: Path) -> Path | None:
-    """The tiercache store a folder is in (itself or an ancestor has an index)."""
+    """Return the tiercache store a folder is in (itself or an ancestor has an index)."""
     for d in (folder, *folder.parents):
         if (d / INDEX_DIR).exists():
             return d
@@ -102,7 +102,7 @@ def _store_holding(folder: Path) -> Path | None:
 
 
 def _export_target(out_path: str | os.PathLike, follow_symlinks: bool) -> Path:
-    """Where an export may write: never inside a store, never through a symlink
+    """Return where an export may write: never inside a store, never through a symlink
     unless asked (then the link's target is checked instead)."""
     out = str(out_path)
     if not out.endswith(".safetensors"):
@@ -317,7 +317,7 @@ def _parse_tokens(tokens: Any) -> list[int]:
 
 
 def _cache_tokens(cache: list) -> int | None:
-    """Tokens held, from the first layer that records an offset."""
+    """Return the tokens held, from the first layer that records an offset."""
     for c in cache:
         inner = c.caches if type(c).__name__ == "CacheList" else [c]
         for x in inner:

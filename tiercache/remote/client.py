@@ -51,7 +51,7 @@ def check_url(url: str) -> str:
 
 
 def redacted(url: str) -> str:
-    """The URL without its password (for logs and stats)."""
+    """Return the URL without its password (for logs and stats)."""
     parts = urlsplit(url)
     if parts.password is None:
         return url
@@ -93,14 +93,14 @@ class CircuitBreaker:
 
     @property
     def state(self) -> str:
-        """``closed``, ``open`` or ``half_open``."""
+        """Return ``closed``, ``open`` or ``half_open``."""
         with self._lock:
             if self._state == "open" and self._clock() >= self._open_until:
                 return "half_open"
             return self._state
 
     def allow(self) -> bool:
-        """True if a call may go out now (claims the half-open trial)."""
+        """Return True if a call may go out now (claims the half-open trial)."""
         with self._lock:
             if self._state == "closed":
                 return True
@@ -191,11 +191,11 @@ class RemoteClient:
         return out
 
     def available(self) -> bool:
-        """False while the breaker refuses calls (lookups skip the remote at once)."""
+        """Return False while the breaker refuses calls (lookups skip the remote at once)."""
         return self.breaker.state != "open"
 
     def mget(self, keys: Sequence[str]) -> list | None:
-        """Values of ``keys`` in one round trip (None per missing key); None on failure."""
+        """Return the values of ``keys`` in one round trip (None per missing key); None on failure."""
         if not keys:
             return []
         out = self._call(lambda: self._read.mget(keys), "lookup")
@@ -204,7 +204,7 @@ class RemoteClient:
         return out
 
     def first_existing(self, keys: Sequence[str]) -> tuple[int, bytes] | None:
-        """``(index, value)`` of the first key of ``keys`` that exists, in one round
+        """Return ``(index, value)`` of the first key of ``keys`` that exists, in one round
         trip; None when none exists or on failure."""
         if not keys:
             return None

@@ -59,7 +59,7 @@ class RemoteHit:
         return self.plan.n_tokens
 
     def remote_items(self) -> list[tuple[Record, bytes]]:
-        """``(record, file bytes)`` of the fetched records, in chain order."""
+        """Return ``(record, file bytes)`` of the fetched records, in chain order."""
         return [(r, self.fetched[r.id].payload) for r in self.plan.records if r.id in self.fetched]
 
 
@@ -138,7 +138,7 @@ class RemoteTier:
         limit: int,
         local_chain: Sequence[Record] = (),
     ) -> RemoteHit | None:
-        """The longest verified prefix of ``tokens`` the remote (with the local chain) holds.
+        """Return the longest verified prefix of ``tokens`` the remote (with the local chain) holds.
 
         Args:
             ns: namespace.
@@ -209,7 +209,7 @@ class RemoteTier:
             return None
 
     def _end_trimmable(self, plan, chain, fetched, ns, root, packed, limit) -> None:
-        """Full blocks, then the longest stored tail that is a prefix of the rest."""
+        """Return full blocks, then the longest stored tail that is a prefix of the rest."""
         B = self.block_size
         n_prompt = len(packed) // 4
         base = len(chain) * B
@@ -365,7 +365,7 @@ class RemoteTier:
     # --- the rest -----------------------------------------------------------------
 
     def stats(self) -> dict:
-        """Counters, queue, latency and breaker state (``stats()["remote"]``)."""
+        """Return the counters, queue, latency and breaker state (``stats()["remote"]``)."""
         with self._lock:
             c = dict(self.counters)
             cc = dict(self.client.counters)

@@ -52,12 +52,12 @@ class BlockFileError(TiercacheError):
 
 
 def dtype_name(dtype: mx.Dtype) -> str:
-    """Safetensors name of an MLX dtype (``F32``, ``BF16``...)."""
+    """Return the safetensors name of an MLX dtype (``F32``, ``BF16``...)."""
     return _DTYPES[dtype][0]
 
 
 def mx_dtype(name: str) -> mx.Dtype:
-    """MLX dtype of a safetensors dtype name."""
+    """Return the MLX dtype of a safetensors dtype name."""
     try:
         return _BY_NAME[name][0]
     except KeyError:
@@ -65,7 +65,7 @@ def mx_dtype(name: str) -> mx.Dtype:
 
 
 def np_dtype(name: str) -> np.dtype:
-    """Numpy dtype that carries the bytes of a safetensors dtype (BF16 -> uint16)."""
+    """Return the numpy dtype that carries the bytes of a safetensors dtype (BF16 -> uint16)."""
     try:
         return np.dtype(_BY_NAME[name][1])
     except KeyError:
@@ -73,7 +73,7 @@ def np_dtype(name: str) -> np.dtype:
 
 
 def as_numpy(a: mx.array) -> np.ndarray:
-    """Zero-copy numpy view of an evaluated, row-contiguous MLX array.
+    """Return a zero-copy numpy view of an evaluated, row-contiguous MLX array.
 
     bfloat16 has no numpy dtype, so its bits are viewed as uint16.
     """
@@ -262,7 +262,7 @@ class HashingReader:
 
     @classmethod
     def from_bytes(cls, data: bytes, expected_size: int | None = None) -> "HashingReader":
-        """A reader over a file's bytes held in memory (read exactly like a file)."""
+        """Return a reader over a file's bytes held in memory (read exactly like a file)."""
         return cls(None, expected_size, stream=io.BytesIO(data))
 
     def _read_exact(self, n: int) -> bytes:
@@ -304,7 +304,7 @@ class HashingReader:
         self.f.close()
 
     def tensor_info(self, name: str) -> tuple[str, list[int], int, int]:
-        """``(dtype, shape, start, end)`` of a tensor, or BlockFileError."""
+        """Return ``(dtype, shape, start, end)`` of a tensor, or raise BlockFileError."""
         info = self.header.get(name)
         if not isinstance(info, dict):
             raise BlockFileError(f"tensor {name!r} missing")
@@ -315,13 +315,13 @@ class HashingReader:
             raise BlockFileError(f"tensor {name!r} has a bad header entry") from None
 
     def tensors_in_order(self) -> list[str]:
-        """Tensor names sorted by their position in the file."""
+        """Return the tensor names sorted by their position in the file."""
         names = [k for k in self.header if k != "__metadata__"]
         return sorted(names, key=lambda k: self.tensor_info(k)[2])
 
 
 def list_files(folder: Path) -> Iterable[Path]:
-    """Every regular file under ``folder`` (two levels), never following symlinks."""
+    """Return every regular file under ``folder`` (two levels), never following symlinks."""
     if folder.is_symlink() or not folder.is_dir():
         return
     for sub in sorted(folder.iterdir()):

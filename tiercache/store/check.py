@@ -73,7 +73,7 @@ def _verify_file(path: Path, rec: Record, geometry: list | None = None) -> tuple
 
 
 def _geometry_misfit(r: HashingReader, geometry: list) -> str | None:
-    """Why a file's tensors don't fit its namespace's geometry (None if they do)."""
+    """Return why a file's tensors don't fit its namespace's geometry (None if they do)."""
     for name in r.tensors_in_order():
         dt, shape, _, _ = r.tensor_info(name)
         misfit = L.geometry_misfit(geometry, name, dt, shape)
@@ -83,7 +83,7 @@ def _geometry_misfit(r: HashingReader, geometry: list) -> str | None:
 
 
 def _record_id(rec: Record) -> bytes:
-    """The id a record must have: its chain hash (blocks) or checkpoint id."""
+    """Return the id a record must have: its chain hash (blocks) or checkpoint id."""
     if rec.kind == KIND_BLOCK:
         return next_hash(rec.parent, rec.tokens)
     return checkpoint_id(rec.parent, unpack_tokens(rec.tokens))
@@ -123,7 +123,7 @@ def check_store(store, fix: bool = False, temp_grace: float = 60.0) -> list[Prob
 
 
 def _snapshot(ix, problems: list[Problem]):
-    """Records, undecodable keys, child links, first-token links and the byte
+    """Read the records, undecodable keys, child links, first-token links and the byte
     counter, all from one read transaction."""
     recs: dict[bytes, Record] = {}
     bad_keys: list[bytes] = []
@@ -142,7 +142,7 @@ def _snapshot(ix, problems: list[Problem]):
 
 
 def _scan_files(store, temp_grace: float, problems: list[Problem]) -> tuple[dict[str, Path], list[Path]]:
-    """Block and checkpoint files (by path), and junk: symlinks and old temp files."""
+    """Return the block and checkpoint files (by path), and junk: symlinks and old temp files."""
     now = time.time()
     on_disk: dict[str, Path] = {}
     junk: list[Path] = []
@@ -227,7 +227,7 @@ _RECORD_KINDS = {
 
 
 def _same(a: Record | None, b: Record) -> bool:
-    """Whether ``a`` is still the record ``b`` (not removed, nor removed and saved again)."""
+    """Return whether ``a`` is still the record ``b`` (not removed, nor removed and saved again)."""
     return a is not None and (a.created, a.checksum, a.nbytes, a.parent, a.tokens) == (
         b.created, b.checksum, b.nbytes, b.parent, b.tokens
     )
@@ -260,7 +260,7 @@ def _settle(store, recs, problems, candidates, temp_grace) -> list[Path]:
 
 
 def _indexed(ix, txn, path: Path) -> bool:
-    """Whether a record names this file now (files are named by their record id)."""
+    """Return whether a record names this file now (files are named by their record id)."""
     try:
         rid = bytes.fromhex(path.name.split(".")[0])
     except ValueError:

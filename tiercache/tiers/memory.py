@@ -132,7 +132,7 @@ def clone_prompt_cache(prompt_cache: Sequence[Any]) -> list:
 
 
 def _common_len(edge: tuple, q: tuple, start: int) -> int:
-    """Length of the common prefix of ``edge`` and ``q[start:]``."""
+    """Return the length of the common prefix of ``edge`` and ``q[start:]``."""
     n = min(len(edge), len(q) - start)
     if edge[:n] == q[start : start + n]:  # the common case: one C comparison
         return n
@@ -227,7 +227,7 @@ class MemoryPromptCache:
 
     @property
     def nbytes(self) -> int:
-        """Total bytes of the stored sequences."""
+        """Return the total bytes of the stored sequences."""
         return self._nbytes
 
     def __len__(self) -> int:

@@ -116,7 +116,7 @@ class FetchResult:
 
 
 def _offset_mismatch(prompt_cache: list, n: int):
-    """``(layer, offset)`` of the first layer whose integer ``offset`` isn't ``n``, or None."""
+    """Return ``(layer, offset)`` of the first layer whose integer ``offset`` isn't ``n``, or None."""
     for i, layer in enumerate(prompt_cache):
         off = getattr(layer, "offset", None)
         if type(off) is int and off != n:
@@ -297,7 +297,7 @@ class TieredPromptCache:
         return self._files_fp[key]
 
     def _namespaces(self, key: Hashable) -> list[Namespace]:
-        """Candidate namespaces for a lookup under ``key``."""
+        """Return the candidate namespaces for a lookup under ``key``."""
         if self.disk is None:
             return []
         with self._ns_lock:
@@ -563,7 +563,7 @@ class TieredPromptCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held in memory."""
+        """Return the bytes held in memory."""
         return self.memory.nbytes
 
     @property
@@ -583,7 +583,7 @@ class TieredPromptCache:
     # --- the rest -----------------------------------------------------------------------
 
     def stats(self) -> dict:
-        """Per-tier counters: entries, bytes, hits and hit tokens, promotions,
+        """Return per-tier counters: entries, bytes, hits and hit tokens, promotions,
         demotions, evictions, writer queue bytes and dropped writes; with a remote
         tier, its hits, misses, rejections, errors, bytes, latency and breaker."""
         m = self.memory.counters

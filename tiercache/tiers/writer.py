@@ -141,7 +141,7 @@ class BackgroundWriter:
             log.debug("writer idle task failed: %s", e)
 
     def pending_jobs(self) -> list[WriteJob]:
-        """The jobs not yet committed, newest first (the one being saved included)."""
+        """Return the jobs not yet committed, newest first (the one being saved included)."""
         with self._cond:
             jobs = list(self._queue)
             if self._current is not None:
@@ -150,7 +150,7 @@ class BackgroundWriter:
         return jobs
 
     def pending_bytes(self) -> int:
-        """Bytes of the snapshots not yet committed (queued and being saved)."""
+        """Return the bytes of the snapshots not yet committed (queued and being saved)."""
         with self._cond:
             return self.queue_bytes + (self._current.nbytes if self._current is not None else 0)
 
@@ -181,5 +181,5 @@ class BackgroundWriter:
         return done and not self._thread.is_alive()
 
     def is_alive(self) -> bool:
-        """True while the writer thread runs (after close: still inside a save)."""
+        """Return True while the writer thread runs (after close: still inside a save)."""
         return self._thread.is_alive()
