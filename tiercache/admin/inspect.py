@@ -76,6 +76,7 @@ def is_end(view: StoreView, rec: Record) -> bool:
 
 
 def snapshot_ends(view: StoreView, namespace: bytes | None = None) -> list[Record]:
+    """Return the records that end a snapshot (of one namespace, or all)."""
     return [
         r
         for r in view.records.values()
@@ -102,6 +103,7 @@ def chain_of(view: StoreView, rec: Record) -> list[Record]:
 
 
 def chain_tokens(chain: Iterable[Record]) -> list[int]:
+    """Return the tokens of a chain's records, concatenated in order."""
     toks: list[int] = []
     for r in chain:
         toks.extend(unpack_tokens(r.tokens))
@@ -179,21 +181,24 @@ def plan_for(store: DiskStore, view: StoreView, rec: Record) -> RestorePlan:
 
 
 class TextDecoder:
-    """Decodes token ids with the tokenizer of a namespace's model folder, if found."""
+    """Decode token ids with the tokenizer of a namespace's model folder, if found."""
 
     def __init__(self, view: StoreView):
         self.view = view
         self._tok: dict[bytes, Any] = {}
 
     def model_path(self, ns: bytes) -> str | None:
+        """Return the model folder recorded for a namespace, or None."""
         return ((self.view.namespaces.get(ns) or {}).get("model") or {}).get("path")
 
     def tokenizer(self, ns: bytes):
+        """Return the namespace's tokenizer (loaded once), or None if unavailable."""
         if ns not in self._tok:
             self._tok[ns] = _load_tokenizer(self.model_path(ns))
         return self._tok[ns]
 
     def decode(self, ns: bytes, tokens: list[int]) -> str | None:
+        """Return ``tokens`` as text, or None without a tokenizer or when decoding fails."""
         tok = self.tokenizer(ns)
         if tok is None:
             return None
@@ -243,6 +248,7 @@ def _load_tokenizer(path: str | None):
 
 
 def namespace_model(view: StoreView, ns: bytes) -> str | None:
+    """Return the model folder recorded for a namespace, or None."""
     return ((view.namespaces.get(ns) or {}).get("model") or {}).get("path")
 
 
@@ -353,6 +359,7 @@ def prefix_row(view: StoreView, rec: Record, decoder: TextDecoder | None = None,
 
 
 def sort_rows(rows: list[dict], how: str) -> list[dict]:
+    """Return ``ls`` rows sorted by ``how`` (recent, size, hits or tokens), largest first."""
     key = {"recent": "last_access", "size": "bytes", "hits": "hits", "tokens": "tokens"}[how]
     return sorted(rows, key=lambda r: (r[key], r["last_access"]), reverse=True)
 
@@ -445,4 +452,5 @@ def records_older_than(view: StoreView, cutoff: float, namespace: bytes | None =
 
 
 def now() -> float:
+    """Return the current time, in seconds since the epoch."""
     return time.time()

@@ -55,6 +55,7 @@ class InteropError(TiercacheError, ValueError):
 
 @dataclass
 class ExportResult:
+    """What :func:`export_mlx_lm` wrote."""
     path: str
     tokens: int
     namespace: str
@@ -63,6 +64,7 @@ class ExportResult:
 
 @dataclass
 class ImportResult:
+    """What :func:`import_mlx_lm` stored."""
     namespace: str
     tokens: int
     records_written: int

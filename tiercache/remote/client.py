@@ -112,12 +112,14 @@ class CircuitBreaker:
             return False
 
     def success(self) -> None:
+        """Record a successful call: close the breaker and reset its cooldown."""
         with self._lock:
             self._consecutive = 0
             self._cooldown = self.base_cooldown
             self._state, self._trial = "closed", False
 
     def failure(self) -> None:
+        """Record a failed call: open the breaker after enough failures, or again (with a doubled cooldown) after a failed trial."""
         with self._lock:
             self._consecutive += 1
             if self._state == "half_open":
@@ -258,9 +260,11 @@ class RemoteClient:
                 return
 
     def ping(self) -> bool:
+        """Return True if the server answers a PING."""
         return bool(self._call(lambda: self._read.ping(), "ping"))
 
     def close(self) -> None:
+        """Close both connections, ignoring errors."""
         for c in (self._read, self._write):
             try:
                 c.close()

@@ -94,6 +94,7 @@ class RemoteRecord:
 
     @property
     def nbytes(self) -> int:
+        """Return the size of the record's file bytes."""
         return len(self.payload)
 
 

@@ -56,6 +56,7 @@ class RemoteHit:
 
     @property
     def n_tokens(self) -> int:
+        """Return how many tokens the hit covers."""
         return self.plan.n_tokens
 
     def remote_items(self) -> list[tuple[Record, bytes]]:
@@ -65,6 +66,7 @@ class RemoteHit:
 
 @dataclass(eq=False)
 class _PushJob:
+    """Records the local disk committed, waiting to be pushed to the remote."""
     namespace: bytes
     records: list
     nbytes: int
@@ -236,8 +238,11 @@ class RemoteTier:
         plan.chain, plan.last, plan.n_tokens = used, None, n_tokens
 
     def _end_checkpoint(self, plan, chain, fetched, ns, root, packed, limit) -> None:
-        """Non-trimmable layers restore only at an exact checkpoint: the longest one
-        within the last ``checkpoint_probe_blocks`` block boundaries of the chain."""
+        """Find where the plan ends for non-trimmable layers: at an exact checkpoint only.
+
+        Take the longest checkpoint within the last ``checkpoint_probe_blocks`` block
+        boundaries of the chain.
+        """
         B = self.block_size
         ids, where = [], []
         low = max(0, len(chain) - self.checkpoint_probe_blocks)

@@ -301,6 +301,7 @@ class HashingReader:
             raise BlockFileError("checksum mismatch")
 
     def close(self) -> None:
+        """Close the file."""
         self.f.close()
 
     def tensor_info(self, name: str) -> tuple[str, list[int], int, int]:

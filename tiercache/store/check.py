@@ -45,6 +45,7 @@ class Problem:
     detail: str
 
     def to_dict(self) -> dict:
+        """Return the problem as a JSON-able dict."""
         return asdict(self)
 
 
@@ -165,8 +166,13 @@ def _scan_files(store, temp_grace: float, problems: list[Problem]) -> tuple[dict
 
 
 def _judge_records(store, recs, on_disk, problems) -> dict[bytes, str]:
-    """Records against their files, their namespace's geometry and their parents;
-    takes each record's file out of ``on_disk``. Returns the records to remove."""
+    """Judge records against their files, their namespace's geometry and their parents.
+
+    Take each record's file out of ``on_disk`` and append what is wrong to ``problems``.
+
+    Returns:
+        The ids of the records to remove, with the reason.
+    """
     geometry = {ns: (d.get("geometry") or {}).get("layers") for ns, d in store.namespaces().items()}
     remove: dict[bytes, str] = {}
     for rid, rec in recs.items():
@@ -194,7 +200,7 @@ def _judge_records(store, recs, on_disk, problems) -> dict[bytes, str]:
 
 
 def _judge_links(recs, links, first_links, evict_keys, evictable, total, problems) -> None:
-    """Child links, first-token links and the byte counter against the records."""
+    """Judge child links, first-token links and the byte counter against the records."""
     link_set = set(links)
     for parent, child in links:
         rec = recs.get(child)

@@ -232,6 +232,7 @@ def geometry_misfit(layers: list[dict], name: str, dtype: str, shape) -> str | N
 
 
 def is_splittable(desc: dict) -> bool:
+    """Return True if a layer of this description can be cut at any token."""
     return desc["class"] in SPLITTABLE
 
 
@@ -272,6 +273,7 @@ def kv_rows(layer: Any, start: int, end: int) -> list[tuple[str, str, np.ndarray
 
 
 def kv_suffixes(desc: dict) -> list[str]:
+    """Return the tensor name suffixes a splittable layer of this description is stored as."""
     if desc["class"] == "QuantizedKVCache":
         return ["k0", "k1", "k2", "v0", "v1", "v2"]
     return ["k", "v"]

@@ -42,6 +42,7 @@ class RestorePlan:
 
     @property
     def records(self) -> list[Record]:
+        """Return the records to restore, in chain order (the last one included)."""
         return self.chain + ([self.last] if self.last is not None else [])
 
 

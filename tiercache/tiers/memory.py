@@ -148,6 +148,7 @@ def _common_len(edge: tuple, q: tuple, start: int) -> int:
 
 
 class _Node:
+    """A trie node: the edge from its parent, its depth, children and entry."""
     __slots__ = ("parent", "edge", "depth", "children", "entry", "n_trim")
 
     def __init__(self, parent: Optional["_Node"], edge: tuple, depth: int):
@@ -161,6 +162,7 @@ class _Node:
 
 @dataclass(eq=False)  # identity hash: used as a key of the LRU dicts
 class _Entry:
+    """One stored snapshot: its key, tokens, cache and LRU bookkeeping."""
     key: Hashable
     tokens: tuple
     prompt_cache: list

@@ -430,9 +430,12 @@ class TieredPromptCache:
     # --- remote tier hooks ----------------------------------------------------------------
 
     def _remote_lookup(self, model, tokens, salt, limit, local_best, plans):
-        """A remote hit beating the local tiers by a block (less isn't worth the
-        network), restored, as ``(namespace, cache, hit, seconds)``; None otherwise
-        (never raises)."""
+        """Look up and restore a remote hit that beats the local tiers by a block
+        (less isn't worth the network); never raise.
+
+        Returns:
+            ``(namespace, cache, hit, seconds)``, or None.
+        """
         if self.remote is None or self._closed:
             return None
         floor = local_best + (self.remote.block_size if local_best else 1)
@@ -488,7 +491,7 @@ class TieredPromptCache:
         return None, 0
 
     def _give_back(self, model, salt, tokens, hit) -> None:
-        """Re-inserts a handed-over memory entry the caller won't use."""
+        """Re-insert a handed-over memory entry the caller won't use."""
         # A cloned hit's entry is still stored: re-inserting the (trimmed) clone
         # would only add a redundant entry and evict a useful one for it.
         if hit.n_tokens and hit.handed_over:
@@ -568,16 +571,19 @@ class TieredPromptCache:
 
     @property
     def max_bytes(self) -> int:
+        """Return the memory tier's byte budget."""
         return self.memory.max_bytes
 
     @property
     def max_size(self) -> int:
+        """Return the memory tier's limit on stored sequences."""
         return self.memory.max_size
 
     def __len__(self) -> int:
         return len(self.memory)
 
     def stats_by_type(self) -> dict:
+        """Return the memory tier's sequences and bytes by cache type."""
         return self.memory.stats_by_type()
 
     # --- the rest -----------------------------------------------------------------------

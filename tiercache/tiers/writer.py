@@ -155,6 +155,7 @@ class BackgroundWriter:
             return self.queue_bytes + (self._current.nbytes if self._current is not None else 0)
 
     def pending(self) -> int:
+        """Return how many jobs are queued or being saved."""
         with self._cond:
             return len(self._queue) + (1 if self._busy else 0)
 
