@@ -224,6 +224,17 @@ class HashingReader:
     """Reads a file sequentially into caller buffers while hashing every byte."""
 
     def __init__(self, path: Path | None, expected_size: int | None = None, *, stream=None):
+        """Open a block file (or wrap bytes) and read its safetensors header.
+
+        Args:
+            path: the file; opened without following a symlink.
+            expected_size: the size the index records, checked first.
+            stream: a ``BytesIO`` of the file's bytes, read instead of ``path``.
+
+        Raises:
+            BlockFileError: if the file is missing, a symlink, of the wrong size, or
+                its header is unreadable.
+        """
         if stream is not None:
             # Bytes already in memory (a remote record): same checks, same hashing.
             self.f = stream

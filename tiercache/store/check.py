@@ -243,8 +243,11 @@ def _settle(store, recs, problems, candidates, temp_grace) -> list[Path]:
     """Drop findings a concurrent writer explains, from a fresh read of the index.
 
     A record evicted or replaced since the snapshot is not a problem any more, and
-    nor is its parent's absence. Returns the orphan files: candidates that no
-    record names now and that are older than ``temp_grace``.
+    nor is its parent's absence.
+
+    Returns:
+        The orphan files: candidates that no record names now and that are older
+        than ``temp_grace``.
     """
     ix = store.index
     now = time.time()

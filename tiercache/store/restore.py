@@ -28,6 +28,12 @@ class RestoreError(TiercacheError):
     """A record's file is missing or corrupt; carries the record."""
 
     def __init__(self, record: Record, reason: str):
+        """Name the record whose file failed and why.
+
+        Args:
+            record: the record whose file failed.
+            reason: what is wrong with it.
+        """
         super().__init__(f"{record.id.hex()}: {reason}")
         self.record = record
         self.reason = reason
