@@ -239,8 +239,22 @@ class TieredPromptCache:
         draft_model_path=None,
         draft_model: Any = None,
     ) -> Namespace | None:
-        """Bind a cache key to the namespace of a loaded model (probe its cache
-        layout). An adapter and a draft model are part of the namespace."""
+        """Bind a cache key to the namespace of a loaded model (probe its cache layout).
+
+        An adapter and a draft model are part of the namespace. With ``prewarm_bytes``,
+        the first registration starts prewarming.
+
+        Args:
+            key: the cache key snapshots are inserted under.
+            model_path: the local model folder.
+            model: the loaded model, probed for its cache layout and geometry.
+            adapter_path: an adapter applied to the model.
+            draft_model_path: a draft model whose cache layers follow the model's.
+            draft_model: the loaded draft model.
+
+        Returns:
+            The namespace, or None for a memory-only cache.
+        """
         if self.disk is None:
             return None
         ns = model_namespace(
@@ -342,6 +356,11 @@ class TieredPromptCache:
         """Return the best cached prefix of ``tokens``, as mlx-lm's ``LRUPromptCache`` does.
 
         A thin adapter over :meth:`fetch` for code written against mlx-lm.
+
+        Args:
+            model: the cache key the snapshots were inserted under.
+            tokens: the query.
+            salt: isolation salt; only snapshots inserted with the same salt match.
 
         Returns:
             ``(cache or None, remaining tokens)``; see :class:`FetchResult`.
@@ -509,7 +528,15 @@ class TieredPromptCache:
         """Store a snapshot in memory and (write-through) queue it for disk.
 
         The arrays are evaluated here, on the caller's thread; the writer only
-        reads evaluated buffers. Costs the caller no disk I/O.
+        reads evaluated buffers. Costs the caller no disk I/O. A snapshot whose
+        layers don't hold ``len(tokens)`` tokens is refused (logged and counted).
+
+        Args:
+            model: the cache key.
+            tokens: the tokens the cache holds.
+            prompt_cache: mlx-lm cache objects, one per layer.
+            cache_type: ``"assistant"``, ``"user"`` or ``"system"`` (eviction priority).
+            salt: isolation salt, mixed into the disk chain.
         """
         tokens = tokens if type(tokens) is tuple else tuple(tokens)
         if not tokens or not prompt_cache:
@@ -561,7 +588,12 @@ class TieredPromptCache:
             self._submit(model, salt, tokens, prompt_cache)
 
     def trim_to(self, *, n_sequences: int | None = None, n_bytes: int | None = None) -> None:
-        """Shrink the memory tier (evicted snapshots stay on, or go to, disk)."""
+        """Shrink the memory tier (evicted snapshots stay on, or go to, disk).
+
+        Args:
+            n_sequences: keep at most this many sequences (None: no limit).
+            n_bytes: keep at most this many bytes (None: no limit).
+        """
         self.memory.trim_to(n_sequences=n_sequences, n_bytes=n_bytes)
 
     @property
