@@ -60,7 +60,7 @@ def redacted(url: str) -> str:
 
 
 class CircuitBreaker:
-    """Stops calling a failing server for a while.
+    """A breaker that stops calling a failing server for a while.
 
     ``closed``: calls go through. After ``failures`` consecutive failures it
     opens: calls are refused at once for ``cooldown`` seconds. Then it is

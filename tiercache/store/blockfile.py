@@ -221,7 +221,7 @@ def write_bytes_file(path: Path, data: bytes) -> None:
 
 
 class HashingReader:
-    """Reads a file sequentially into caller buffers while hashing every byte."""
+    """A reader that reads a file sequentially into caller buffers, hashing every byte."""
 
     def __init__(self, path: Path | None, expected_size: int | None = None, *, stream=None):
         """Open a block file (or wrap bytes) and read its safetensors header.
