@@ -364,7 +364,7 @@ def param_count(preset: str) -> int:
 
 
 def _rng(seed: int, name: str) -> np.random.Generator:
-    """A generator that depends only on the seed and the parameter name."""
+    """Return a generator that depends only on the seed and the parameter name."""
     return np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
 
 
@@ -565,7 +565,7 @@ def build_model(
 
 
 def _is_current(out: Path, preset: str, seed: int) -> bool:
-    """True if ``out`` was built by this builder from this preset's config and seed."""
+    """Return True if ``out`` was built by this builder from this preset's config and seed."""
     try:
         info = json.loads((out / "tiercache_demo.json").read_text())
         config = json.loads((out / "config.json").read_text())
@@ -599,7 +599,7 @@ def default_demo_model_path() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line entry point: build a model folder.
+    """Build a model folder (the command line entry point).
 
     Args:
         argv: Arguments (default ``sys.argv[1:]``).

@@ -405,6 +405,7 @@ class OneLineArgumentParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line on stderr and exit status 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        """Exit with status 2 after one line naming the error."""
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 

@@ -40,7 +40,7 @@ class StoreView:
     _chain_bytes: dict[bytes, int] | None = None
 
     def chain_bytes(self, rid: bytes) -> int:
-        """Bytes of a record's whole chain (itself and every ancestor present)."""
+        """Return the bytes of a record's whole chain (itself and every ancestor present)."""
         if self._chain_bytes is None:
             cum: dict[bytes, int] = {}
             # Parents come before children: blocks have smaller positions than
@@ -52,7 +52,7 @@ class StoreView:
 
 
 def load_view(store: DiskStore) -> StoreView:
-    """Reads the whole index in one read transaction."""
+    """Read the whole index in one read transaction."""
     view = StoreView()
     ix = store.index
     with ix.read() as txn:
@@ -69,13 +69,14 @@ def load_view(store: DiskStore) -> StoreView:
 
 
 def is_end(view: StoreView, rec: Record) -> bool:
-    """True for a snapshot end: a tail/checkpoint, or a block without children."""
+    """Return True for a snapshot end: a tail/checkpoint, or a block without children."""
     if rec.kind != KIND_BLOCK:
         return True
     return not any(c in view.records for c in view.children.get(rec.id, ()))
 
 
 def snapshot_ends(view: StoreView, namespace: bytes | None = None) -> list[Record]:
+    """Return the records that end a snapshot (of one namespace, or all)."""
     return [
         r
         for r in view.records.values()
@@ -84,7 +85,7 @@ def snapshot_ends(view: StoreView, namespace: bytes | None = None) -> list[Recor
 
 
 def chain_of(view: StoreView, rec: Record) -> list[Record]:
-    """Records from the chain root to ``rec`` (inclusive).
+    """Return the records from the chain root to ``rec`` (inclusive).
 
     Raises:
         ValueError: if an ancestor is missing (the prefix can't be restored).
@@ -102,6 +103,7 @@ def chain_of(view: StoreView, rec: Record) -> list[Record]:
 
 
 def chain_tokens(chain: Iterable[Record]) -> list[int]:
+    """Return the tokens of a chain's records, concatenated in order."""
     toks: list[int] = []
     for r in chain:
         toks.extend(unpack_tokens(r.tokens))
@@ -109,7 +111,7 @@ def chain_tokens(chain: Iterable[Record]) -> list[int]:
 
 
 def resolve_id(view: StoreView, text: str) -> Record:
-    """The record named by a full id or a unique hex prefix of >= 8 characters.
+    """Return the record named by a full id or a unique hex prefix of >= 8 characters.
 
     Raises:
         ValueError: bad hex, too short, unknown or ambiguous.
@@ -135,7 +137,7 @@ def resolve_id(view: StoreView, text: str) -> Record:
 
 
 def resolve_namespace(view: StoreView, text: str) -> bytes:
-    """A namespace from its hex (or a unique prefix of >= 8 hex digits)."""
+    """Return a namespace from its hex (or a unique prefix of >= 8 hex digits)."""
     t = text.strip().lower()
     if not re.fullmatch(r"[0-9a-f]{8,32}", t):
         raise ValueError(f"bad namespace {text!r}: expected 8 to 32 hex digits")
@@ -149,7 +151,7 @@ def resolve_namespace(view: StoreView, text: str) -> bytes:
 
 
 def plan_for(store: DiskStore, view: StoreView, rec: Record) -> RestorePlan:
-    """A restore plan ending exactly at ``rec``.
+    """Return a restore plan ending exactly at ``rec``.
 
     Raises:
         ValueError: broken chain, or a block end in a namespace whose layers need a
@@ -179,21 +181,24 @@ def plan_for(store: DiskStore, view: StoreView, rec: Record) -> RestorePlan:
 
 
 class TextDecoder:
-    """Decodes token ids with the tokenizer of a namespace's model folder, if found."""
+    """Decode token ids with the tokenizer of a namespace's model folder, if found."""
 
     def __init__(self, view: StoreView):
         self.view = view
         self._tok: dict[bytes, Any] = {}
 
     def model_path(self, ns: bytes) -> str | None:
+        """Return the model folder recorded for a namespace, or None."""
         return ((self.view.namespaces.get(ns) or {}).get("model") or {}).get("path")
 
     def tokenizer(self, ns: bytes):
+        """Return the namespace's tokenizer (loaded once), or None if unavailable."""
         if ns not in self._tok:
             self._tok[ns] = _load_tokenizer(self.model_path(ns))
         return self._tok[ns]
 
     def decode(self, ns: bytes, tokens: list[int]) -> str | None:
+        """Return ``tokens`` as text, or None without a tokenizer or when decoding fails."""
         tok = self.tokenizer(ns)
         if tok is None:
             return None
@@ -203,7 +208,7 @@ class TextDecoder:
             return None
 
     def preview(self, ns: bytes, tokens: list[int], words: int = 12) -> str | None:
-        """The first words of the text (decoding at most a few tokens per word)."""
+        """Return the first words of the text (decoding at most a few tokens per word)."""
         text = self.decode(ns, tokens[: words * 6])
         if text is None:
             return None
@@ -243,11 +248,12 @@ def _load_tokenizer(path: str | None):
 
 
 def namespace_model(view: StoreView, ns: bytes) -> str | None:
+    """Return the model folder recorded for a namespace, or None."""
     return ((view.namespaces.get(ns) or {}).get("model") or {}).get("path")
 
 
 def store_stats(store: DiskStore, view: StoreView, budget: int | None = None) -> dict:
-    """Per-namespace and total statistics."""
+    """Return per-namespace and total statistics."""
     per: dict[bytes, dict] = {}
 
     def entry(ns: bytes) -> dict:
@@ -327,7 +333,7 @@ def _layer_summary(layers: list | None) -> str | None:
 
 
 def prefix_row(view: StoreView, rec: Record, decoder: TextDecoder | None = None, words: int = 12) -> dict:
-    """One ``ls`` row for a snapshot end."""
+    """Return one ``ls`` row for a snapshot end."""
     row = {
         "id": rec.id.hex(),
         "namespace": rec.namespace.hex(),
@@ -353,12 +359,13 @@ def prefix_row(view: StoreView, rec: Record, decoder: TextDecoder | None = None,
 
 
 def sort_rows(rows: list[dict], how: str) -> list[dict]:
+    """Return ``ls`` rows sorted by ``how`` (recent, size, hits or tokens), largest first."""
     key = {"recent": "last_access", "size": "bytes", "hits": "hits", "tokens": "tokens"}[how]
     return sorted(rows, key=lambda r: (r[key], r["last_access"]), reverse=True)
 
 
 def prefix_detail(store: DiskStore, view: StoreView, rec: Record, decoder: TextDecoder | None = None) -> dict:
-    """Everything about one stored prefix (``show``)."""
+    """Return everything about one stored prefix (``show``)."""
     try:
         chain = chain_of(view, rec)
         broken = None
@@ -432,7 +439,7 @@ def prefix_detail(store: DiskStore, view: StoreView, rec: Record, decoder: TextD
 
 
 def records_older_than(view: StoreView, cutoff: float, namespace: bytes | None = None) -> list[bytes]:
-    """Ids of records last used before ``cutoff`` that can go without orphaning a
+    """Return the ids of records last used before ``cutoff`` that can go without orphaning a
     younger descendant (leaves first, like the budget eviction)."""
     removable: dict[bytes, bool] = {}
     for r in sorted(view.records.values(), key=lambda r: (-r.position, r.kind == KIND_BLOCK)):
@@ -445,4 +452,5 @@ def records_older_than(view: StoreView, cutoff: float, namespace: bytes | None =
 
 
 def now() -> float:
+    """Return the current time, in seconds since the epoch."""
     return time.time()

@@ -55,6 +55,7 @@ class InteropError(TiercacheError, ValueError):
 
 @dataclass
 class ExportResult:
+    """What :func:`export_mlx_lm` wrote."""
     path: str
     tokens: int
     namespace: str
@@ -63,6 +64,7 @@ class ExportResult:
 
 @dataclass
 class ImportResult:
+    """What :func:`import_mlx_lm` stored."""
     namespace: str
     tokens: int
     records_written: int
@@ -94,7 +96,7 @@ def _plan_and_tokens(store: DiskStore, what: Any) -> tuple[RestorePlan, list[int
 
 
 def _store_holding(folder: Path) -> Path | None:
-    """The tiercache store a folder is in (itself or an ancestor has an index)."""
+    """Return the tiercache store a folder is in (itself or an ancestor has an index)."""
     for d in (folder, *folder.parents):
         if (d / INDEX_DIR).exists():
             return d
@@ -102,7 +104,7 @@ def _store_holding(folder: Path) -> Path | None:
 
 
 def _export_target(out_path: str | os.PathLike, follow_symlinks: bool) -> Path:
-    """Where an export may write: never inside a store, never through a symlink
+    """Return where an export may write: never inside a store, never through a symlink
     unless asked (then the link's target is checked instead)."""
     out = str(out_path)
     if not out.endswith(".safetensors"):
@@ -125,7 +127,7 @@ def _export_target(out_path: str | os.PathLike, follow_symlinks: bool) -> Path:
 
 
 def _save_atomically(path: Path, cache: list, meta: dict) -> None:
-    """Writes the file under a temp name in its folder, fsyncs it and renames it
+    """Write the file under a temp name in its folder, fsync it and rename it
     into place, so the destination holds the old file or the whole new one."""
     import mlx_lm.models.cache as mlc
 
@@ -150,7 +152,7 @@ def _save_atomically(path: Path, cache: list, meta: dict) -> None:
 def export_mlx_lm(
     store: DiskStore, what: Any, out_path: str | os.PathLike, *, follow_symlinks: bool = False
 ) -> ExportResult:
-    """Writes a stored prefix as an mlx-lm prompt-cache ``.safetensors`` file.
+    """Write a stored prefix as an mlx-lm prompt-cache ``.safetensors`` file.
 
     The file is written to a temp name next to the destination and renamed into
     place. Destinations inside any tiercache store are refused (an export there
@@ -217,7 +219,7 @@ def _decode_scalars(arrays: dict, scalars: list) -> dict:
 
 
 def _check_classes(name: Any, state: Any, where: str) -> None:
-    """Validates a class name (recursively for CacheList) without building anything."""
+    """Validate a class name (recursively for CacheList) without building anything."""
     if not isinstance(name, str) or name not in L.ALLOWED_CLASSES:
         raise InteropError(f"{where}: cache class {name!r} is not allowed")
     if name == "CacheList":
@@ -233,7 +235,7 @@ def _check_classes(name: Any, state: Any, where: str) -> None:
 
 
 def _build(name: str, state: list) -> Any:
-    """Builds one (already validated) allow-listed layer from its state."""
+    """Build one (already validated) allow-listed layer from its state."""
     cls = L.ALLOWED_CLASSES[name]
     if name == "CacheList":
         return cls(*[_build(c[1], c[0]) for c in state])
@@ -257,7 +259,7 @@ def _build(name: str, state: list) -> Any:
 
 
 def read_prompt_cache(path: str | os.PathLike) -> tuple[list, dict]:
-    """Reads an mlx-lm prompt-cache file without instantiating unknown classes.
+    """Read an mlx-lm prompt-cache file without instantiating unknown classes.
 
     Returns:
         ``(cache layers, user metadata)``.
@@ -317,7 +319,7 @@ def _parse_tokens(tokens: Any) -> list[int]:
 
 
 def _cache_tokens(cache: list) -> int | None:
-    """Tokens held, from the first layer that records an offset."""
+    """Return the tokens held, from the first layer that records an offset."""
     for c in cache:
         inner = c.caches if type(c).__name__ == "CacheList" else [c]
         for x in inner:
@@ -334,7 +336,7 @@ def import_mlx_lm(
     model: Any = None,
     tokens: Sequence[int] | str | None = None,
 ) -> ImportResult:
-    """Stores an mlx-lm prompt-cache file under a model's namespace.
+    """Store an mlx-lm prompt-cache file under a model's namespace.
 
     Args:
         store: a writable store.

@@ -63,7 +63,7 @@ def new_call_id() -> str:
 
 
 def prompt_opens_thinking(tokenizer: Any, prompt: list[int] | None) -> bool:
-    """Whether ``prompt`` ends inside an open think block (the template opened it).
+    """Return whether ``prompt`` ends inside an open think block (the template opened it).
 
     Args:
         tokenizer: An mlx-lm ``TokenizerWrapper``.
@@ -145,7 +145,7 @@ class OutputParser:
         return self._events(segments)
 
     def finish(self) -> list[Event]:
-        """End of generation: return the events for everything still held back."""
+        """End generation: return the events for everything still held back."""
         self._state, rest, where = TextStateMachine.flush(self._state)
         events = self._events([(where, rest)])
         if self._where == "tool":  # the model stopped inside a tool call

@@ -35,7 +35,7 @@ return false
 
 
 def check_url(url: str) -> str:
-    """Returns ``url`` if it is a Redis URL we accept.
+    """Return ``url`` if it is a Redis URL we accept.
 
     Raises:
         ValueError: for another scheme or a URL without a host or socket path.
@@ -51,7 +51,7 @@ def check_url(url: str) -> str:
 
 
 def redacted(url: str) -> str:
-    """The URL without its password (for logs and stats)."""
+    """Return the URL without its password (for logs and stats)."""
     parts = urlsplit(url)
     if parts.password is None:
         return url
@@ -60,7 +60,7 @@ def redacted(url: str) -> str:
 
 
 class CircuitBreaker:
-    """Stops calling a failing server for a while.
+    """A breaker that stops calling a failing server for a while.
 
     ``closed``: calls go through. After ``failures`` consecutive failures it
     opens: calls are refused at once for ``cooldown`` seconds. Then it is
@@ -93,14 +93,14 @@ class CircuitBreaker:
 
     @property
     def state(self) -> str:
-        """``closed``, ``open`` or ``half_open``."""
+        """Return ``closed``, ``open`` or ``half_open``."""
         with self._lock:
             if self._state == "open" and self._clock() >= self._open_until:
                 return "half_open"
             return self._state
 
     def allow(self) -> bool:
-        """True if a call may go out now (claims the half-open trial)."""
+        """Return True if a call may go out now (claims the half-open trial)."""
         with self._lock:
             if self._state == "closed":
                 return True
@@ -112,12 +112,14 @@ class CircuitBreaker:
             return False
 
     def success(self) -> None:
+        """Record a successful call: close the breaker and reset its cooldown."""
         with self._lock:
             self._consecutive = 0
             self._cooldown = self.base_cooldown
             self._state, self._trial = "closed", False
 
     def failure(self) -> None:
+        """Record a failed call: open the breaker after enough failures, or again (with a doubled cooldown) after a failed trial."""
         with self._lock:
             self._consecutive += 1
             if self._state == "half_open":
@@ -169,7 +171,7 @@ class RemoteClient:
                 self.counters[k] += v
 
     def _call(self, fn: Callable[[], object], what: str):
-        """Runs ``fn`` if the breaker allows; None when refused or failed."""
+        """Run ``fn`` if the breaker allows; None when refused or failed."""
         if not self.breaker.allow():
             self._count(skipped=1)
             return None
@@ -191,11 +193,11 @@ class RemoteClient:
         return out
 
     def available(self) -> bool:
-        """False while the breaker refuses calls (lookups skip the remote at once)."""
+        """Return False while the breaker refuses calls (lookups skip the remote at once)."""
         return self.breaker.state != "open"
 
     def mget(self, keys: Sequence[str]) -> list | None:
-        """Values of ``keys`` in one round trip (None per missing key); None on failure."""
+        """Return the values of ``keys`` in one round trip (None per missing key); None on failure."""
         if not keys:
             return []
         out = self._call(lambda: self._read.mget(keys), "lookup")
@@ -204,7 +206,7 @@ class RemoteClient:
         return out
 
     def first_existing(self, keys: Sequence[str]) -> tuple[int, bytes] | None:
-        """``(index, value)`` of the first key of ``keys`` that exists, in one round
+        """Return ``(index, value)`` of the first key of ``keys`` that exists, in one round
         trip; None when none exists or on failure."""
         if not keys:
             return None
@@ -216,7 +218,7 @@ class RemoteClient:
         return int(i) - 1, value
 
     def put_many(self, items: Sequence[tuple[str, bytes]], ttl: int | None) -> bool:
-        """Stores values in one pipeline; ``ttl`` seconds each (None: no expiry)."""
+        """Store values in one pipeline; ``ttl`` seconds each (None: no expiry)."""
         if not items:
             return True
 
@@ -232,12 +234,12 @@ class RemoteClient:
         return ok
 
     def delete(self, keys: Sequence[str]) -> int:
-        """Deletes keys (the CLI); how many existed."""
+        """Delete keys (the CLI); return how many existed."""
         out = self._call(lambda: self._write.delete(*keys), "delete") if keys else 0
         return int(out or 0)
 
     def scan(self, pattern: str, count: int = 1000):
-        """Yields ``(key, value length, first header bytes)`` for every key matching
+        """Yield ``(key, value length, first header bytes)`` for every key matching
         ``pattern``, pipelining STRLEN and GETRANGE per SCAN page.
 
         Raises:
@@ -258,9 +260,11 @@ class RemoteClient:
                 return
 
     def ping(self) -> bool:
+        """Return True if the server answers a PING."""
         return bool(self._call(lambda: self._read.ping(), "ping"))
 
     def close(self) -> None:
+        """Close both connections, ignoring errors."""
         for c in (self._read, self._write):
             try:
                 c.close()

@@ -52,17 +52,17 @@ class RemoteRecordError(ValueError):
 
 
 def record_key(namespace: bytes, record_id: bytes) -> str:
-    """The Redis key of a record: ``tiercache:v1:<namespace hex>:<id hex>``."""
+    """Return the Redis key of a record: ``tiercache:v1:<namespace hex>:<id hex>``."""
     return f"{KEY_PREFIX}{namespace.hex()}:{record_id.hex()}"
 
 
 def namespace_pattern(namespace: bytes | None = None) -> str:
-    """A SCAN pattern for every record (of one namespace)."""
+    """Return a SCAN pattern for every record (of one namespace)."""
     return f"{KEY_PREFIX}{namespace.hex() if namespace else '*'}:*"
 
 
 def parse_key(key: str | bytes) -> tuple[str, str] | None:
-    """``(namespace hex, id hex)`` of one of our keys, or None."""
+    """Return ``(namespace hex, id hex)`` of one of our keys, or None."""
     if isinstance(key, bytes):
         key = key.decode("ascii", "replace")
     if not key.startswith(KEY_PREFIX):
@@ -72,7 +72,7 @@ def parse_key(key: str | bytes) -> tuple[str, str] | None:
 
 
 def encode(rec: Record, payload: bytes) -> bytes:
-    """One remote value: header, tokens, then the record's block file bytes."""
+    """Return one remote value: header, tokens, then the record's block file bytes."""
     head = _HEAD.pack(
         MAGIC, RECORD_VERSION, rec.kind, rec.namespace, rec.parent, rec.id,
         rec.position, len(payload), rec.checksum, rec.n_tokens,
@@ -94,11 +94,12 @@ class RemoteRecord:
 
     @property
     def nbytes(self) -> int:
+        """Return the size of the record's file bytes."""
         return len(self.payload)
 
 
 def decode(raw: bytes) -> RemoteRecord:
-    """Parses a value without checking it against a prompt (inspection).
+    """Parse a value without checking it against a prompt (inspection).
 
     Raises:
         RemoteRecordError: if the value is not a record of this version or its
@@ -130,7 +131,7 @@ def decode_verified(
     position: int,
     kinds: tuple[int, ...],
 ) -> RemoteRecord:
-    """Parses a value and checks it belongs exactly where the lookup expects it.
+    """Parse a value and check it belongs exactly where the lookup expects it.
 
     Args:
         raw: the value read under the key of ``record_id``.

@@ -14,7 +14,7 @@ class RemoteStatsError(Exception):
 
 
 def remote_stats(url: str, namespace: bytes | None = None, timeout_ms: float = 5000.0) -> dict:
-    """Counts and bytes of the records a Redis/Valkey server holds, by namespace.
+    """Count the records (and their bytes) a Redis/Valkey server holds, by namespace.
 
     Walks the keys with ``SCAN`` (never ``KEYS``: the server keeps serving) and
     reads each value's length and first header bytes in pipelined batches.

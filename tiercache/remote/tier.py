@@ -56,15 +56,17 @@ class RemoteHit:
 
     @property
     def n_tokens(self) -> int:
+        """Return how many tokens the hit covers."""
         return self.plan.n_tokens
 
     def remote_items(self) -> list[tuple[Record, bytes]]:
-        """``(record, file bytes)`` of the fetched records, in chain order."""
+        """Return ``(record, file bytes)`` of the fetched records, in chain order."""
         return [(r, self.fetched[r.id].payload) for r in self.plan.records if r.id in self.fetched]
 
 
 @dataclass(eq=False)
 class _PushJob:
+    """Records the local disk committed, waiting to be pushed to the remote."""
     namespace: bytes
     records: list
     nbytes: int
@@ -138,7 +140,7 @@ class RemoteTier:
         limit: int,
         local_chain: Sequence[Record] = (),
     ) -> RemoteHit | None:
-        """The longest verified prefix of ``tokens`` the remote (with the local chain) holds.
+        """Return the longest verified prefix of ``tokens`` the remote (with the local chain) holds.
 
         Args:
             ns: namespace.
@@ -209,7 +211,7 @@ class RemoteTier:
             return None
 
     def _end_trimmable(self, plan, chain, fetched, ns, root, packed, limit) -> None:
-        """Full blocks, then the longest stored tail that is a prefix of the rest."""
+        """Return full blocks, then the longest stored tail that is a prefix of the rest."""
         B = self.block_size
         n_prompt = len(packed) // 4
         base = len(chain) * B
@@ -236,8 +238,11 @@ class RemoteTier:
         plan.chain, plan.last, plan.n_tokens = used, None, n_tokens
 
     def _end_checkpoint(self, plan, chain, fetched, ns, root, packed, limit) -> None:
-        """Non-trimmable layers restore only at an exact checkpoint: the longest one
-        within the last ``checkpoint_probe_blocks`` block boundaries of the chain."""
+        """Find where the plan ends for non-trimmable layers: at an exact checkpoint only.
+
+        Take the longest checkpoint within the last ``checkpoint_probe_blocks`` block
+        boundaries of the chain.
+        """
         B = self.block_size
         ids, where = [], []
         low = max(0, len(chain) - self.checkpoint_probe_blocks)
@@ -260,13 +265,13 @@ class RemoteTier:
         plan.chain, plan.last, plan.n_tokens = chain[:j], rr.record, end
 
     def note_rejected(self, reason: str) -> None:
-        """Counts a hit the caller could not use (its bytes did not build a cache)."""
+        """Count a hit the caller could not use (its bytes did not build a cache)."""
         self._count(rejected=1)
         log.warning("remote hit not restored: %s", reason)
 
     def restore(self, hit: RemoteHit, file_path: Callable[[Record], Path],
                 geometry: list | None = None) -> list | None:
-        """Builds the cache from the fetched bytes (and local files for local records).
+        """Build the cache from the fetched bytes (and local files for local records).
 
         Args:
             hit: What the chain walk found.
@@ -293,7 +298,7 @@ class RemoteTier:
     # --- push ---------------------------------------------------------------------
 
     def push(self, ns: bytes, records: Sequence[Record], file_path: Callable[[Record], Path]) -> None:
-        """Queues records the local disk just committed (never blocks)."""
+        """Queue records the local disk just committed (never blocks)."""
         if not records:
             return
         self._read_file = file_path
@@ -352,7 +357,7 @@ class RemoteTier:
             self._count(dropped_pushes=len(items))
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Waits until queued pushes are done. Returns False on timeout."""
+        """Wait until queued pushes are done; return False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while self._queue or self._busy:
@@ -365,7 +370,7 @@ class RemoteTier:
     # --- the rest -----------------------------------------------------------------
 
     def stats(self) -> dict:
-        """Counters, queue, latency and breaker state (``stats()["remote"]``)."""
+        """Return the counters, queue, latency and breaker state (``stats()["remote"]``)."""
         with self._lock:
             c = dict(self.counters)
             cc = dict(self.client.counters)
@@ -391,7 +396,7 @@ class RemoteTier:
         }
 
     def close(self, timeout: float = 5.0) -> None:
-        """Drains the push queue (bounded), then stops the pusher and disconnects."""
+        """Drain the push queue (bounded), then stop the pusher and disconnect."""
         self.flush(timeout)
         with self._cond:
             self._stop = True

@@ -52,12 +52,12 @@ class BlockFileError(TiercacheError):
 
 
 def dtype_name(dtype: mx.Dtype) -> str:
-    """Safetensors name of an MLX dtype (``F32``, ``BF16``...)."""
+    """Return the safetensors name of an MLX dtype (``F32``, ``BF16``...)."""
     return _DTYPES[dtype][0]
 
 
 def mx_dtype(name: str) -> mx.Dtype:
-    """MLX dtype of a safetensors dtype name."""
+    """Return the MLX dtype of a safetensors dtype name."""
     try:
         return _BY_NAME[name][0]
     except KeyError:
@@ -65,7 +65,7 @@ def mx_dtype(name: str) -> mx.Dtype:
 
 
 def np_dtype(name: str) -> np.dtype:
-    """Numpy dtype that carries the bytes of a safetensors dtype (BF16 -> uint16)."""
+    """Return the numpy dtype that carries the bytes of a safetensors dtype (BF16 -> uint16)."""
     try:
         return np.dtype(_BY_NAME[name][1])
     except KeyError:
@@ -73,7 +73,7 @@ def np_dtype(name: str) -> np.dtype:
 
 
 def as_numpy(a: mx.array) -> np.ndarray:
-    """Zero-copy numpy view of an evaluated, row-contiguous MLX array.
+    """Return a zero-copy numpy view of an evaluated, row-contiguous MLX array.
 
     bfloat16 has no numpy dtype, so its bits are viewed as uint16.
     """
@@ -109,7 +109,7 @@ def _header_bytes(tensors: Sequence[TensorSource], metadata: dict[str, str]) -> 
 
 
 def _write_rows(f, h, arr: np.ndarray) -> None:
-    """Writes ``arr`` in C order without copying when its inner rows are contiguous."""
+    """Write ``arr`` in C order without copying when its inner rows are contiguous."""
     if arr.size == 0:  # e.g. the empty tail of a checkpoint taken on a block boundary
         return
     if arr.flags.c_contiguous:
@@ -129,7 +129,7 @@ def _write_rows(f, h, arr: np.ndarray) -> None:
 
 
 def fsync_dir(path: Path) -> None:
-    """Makes a rename durable. A no-op where directories can't be opened (Windows)."""
+    """Make a rename durable. A no-op where directories can't be opened (Windows)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -143,7 +143,7 @@ def fsync_dir(path: Path) -> None:
 
 
 def make_private_dirs(folder: Path) -> None:
-    """Creates ``folder`` and its missing parents, each 0700.
+    """Create ``folder`` and its missing parents, each 0700.
 
     (``Path.mkdir(parents=True)`` gives the parents the default mode.)
     """
@@ -160,7 +160,7 @@ def make_private_dirs(folder: Path) -> None:
 def write_tensor_file(
     path: Path, tensors: Sequence[TensorSource], metadata: dict[str, str]
 ) -> tuple[int, int]:
-    """Writes a safetensors file durably: temp name, fsync, rename, fsync dir.
+    """Write a safetensors file durably: temp name, fsync, rename, fsync dir.
 
     Args:
         path: final file path; its folder is created (0700) if needed.
@@ -198,7 +198,7 @@ def write_tensor_file(
 
 
 def write_bytes_file(path: Path, data: bytes) -> None:
-    """Writes a file's bytes durably, as :func:`write_tensor_file` does (temp name,
+    """Write a file's bytes durably, as :func:`write_tensor_file` does (temp name,
     fsync, rename, fsync dir): records copied from another store keep their bytes."""
     make_private_dirs(path.parent)
     if path.parent.is_symlink() or path.parent.parent.is_symlink():
@@ -221,9 +221,20 @@ def write_bytes_file(path: Path, data: bytes) -> None:
 
 
 class HashingReader:
-    """Reads a file sequentially into caller buffers while hashing every byte."""
+    """A reader that reads a file sequentially into caller buffers, hashing every byte."""
 
     def __init__(self, path: Path | None, expected_size: int | None = None, *, stream=None):
+        """Open a block file (or wrap bytes) and read its safetensors header.
+
+        Args:
+            path: the file; opened without following a symlink.
+            expected_size: the size the index records, checked first.
+            stream: a ``BytesIO`` of the file's bytes, read instead of ``path``.
+
+        Raises:
+            BlockFileError: if the file is missing, a symlink, of the wrong size, or
+                its header is unreadable.
+        """
         if stream is not None:
             # Bytes already in memory (a remote record): same checks, same hashing.
             self.f = stream
@@ -262,7 +273,7 @@ class HashingReader:
 
     @classmethod
     def from_bytes(cls, data: bytes, expected_size: int | None = None) -> "HashingReader":
-        """A reader over a file's bytes held in memory (read exactly like a file)."""
+        """Return a reader over a file's bytes held in memory (read exactly like a file)."""
         return cls(None, expected_size, stream=io.BytesIO(data))
 
     def _read_exact(self, n: int) -> bytes:
@@ -273,7 +284,7 @@ class HashingReader:
         return data
 
     def readinto(self, mv: memoryview) -> None:
-        """Fills ``mv`` with the next bytes of the data section."""
+        """Fill ``mv`` with the next bytes of the data section."""
         n = mv.nbytes
         got = 0
         while got < n:
@@ -285,7 +296,7 @@ class HashingReader:
         self.pos += n
 
     def skip_to(self, data_offset: int) -> None:
-        """Reads (and hashes) up to ``data_offset`` of the data section."""
+        """Read (and hash) up to ``data_offset`` of the data section."""
         gap = data_offset - self.pos
         if gap < 0:
             raise BlockFileError("tensors out of order")
@@ -293,7 +304,7 @@ class HashingReader:
             self.readinto(memoryview(bytearray(gap)))
 
     def finish(self, expected_checksum: int | None) -> None:
-        """Hashes the rest of the file and checks the checksum."""
+        """Hash the rest of the file and check the checksum."""
         rest = self.f.read()
         self.h.update(rest)
         self.close()
@@ -301,10 +312,11 @@ class HashingReader:
             raise BlockFileError("checksum mismatch")
 
     def close(self) -> None:
+        """Close the file."""
         self.f.close()
 
     def tensor_info(self, name: str) -> tuple[str, list[int], int, int]:
-        """``(dtype, shape, start, end)`` of a tensor, or BlockFileError."""
+        """Return ``(dtype, shape, start, end)`` of a tensor, or raise BlockFileError."""
         info = self.header.get(name)
         if not isinstance(info, dict):
             raise BlockFileError(f"tensor {name!r} missing")
@@ -315,13 +327,13 @@ class HashingReader:
             raise BlockFileError(f"tensor {name!r} has a bad header entry") from None
 
     def tensors_in_order(self) -> list[str]:
-        """Tensor names sorted by their position in the file."""
+        """Return the tensor names sorted by their position in the file."""
         names = [k for k in self.header if k != "__metadata__"]
         return sorted(names, key=lambda k: self.tensor_info(k)[2])
 
 
 def list_files(folder: Path) -> Iterable[Path]:
-    """Every regular file under ``folder`` (two levels), never following symlinks."""
+    """Return every regular file under ``folder`` (two levels), never following symlinks."""
     if folder.is_symlink() or not folder.is_dir():
         return
     for sub in sorted(folder.iterdir()):

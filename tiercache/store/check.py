@@ -45,6 +45,7 @@ class Problem:
     detail: str
 
     def to_dict(self) -> dict:
+        """Return the problem as a JSON-able dict."""
         return asdict(self)
 
 
@@ -73,7 +74,7 @@ def _verify_file(path: Path, rec: Record, geometry: list | None = None) -> tuple
 
 
 def _geometry_misfit(r: HashingReader, geometry: list) -> str | None:
-    """Why a file's tensors don't fit its namespace's geometry (None if they do)."""
+    """Return why a file's tensors don't fit its namespace's geometry (None if they do)."""
     for name in r.tensors_in_order():
         dt, shape, _, _ = r.tensor_info(name)
         misfit = L.geometry_misfit(geometry, name, dt, shape)
@@ -83,7 +84,7 @@ def _geometry_misfit(r: HashingReader, geometry: list) -> str | None:
 
 
 def _record_id(rec: Record) -> bytes:
-    """The id a record must have: its chain hash (blocks) or checkpoint id."""
+    """Return the id a record must have: its chain hash (blocks) or checkpoint id."""
     if rec.kind == KIND_BLOCK:
         return next_hash(rec.parent, rec.tokens)
     return checkpoint_id(rec.parent, unpack_tokens(rec.tokens))
@@ -123,7 +124,7 @@ def check_store(store, fix: bool = False, temp_grace: float = 60.0) -> list[Prob
 
 
 def _snapshot(ix, problems: list[Problem]):
-    """Records, undecodable keys, child links, first-token links and the byte
+    """Read the records, undecodable keys, child links, first-token links and the byte
     counter, all from one read transaction."""
     recs: dict[bytes, Record] = {}
     bad_keys: list[bytes] = []
@@ -142,7 +143,7 @@ def _snapshot(ix, problems: list[Problem]):
 
 
 def _scan_files(store, temp_grace: float, problems: list[Problem]) -> tuple[dict[str, Path], list[Path]]:
-    """Block and checkpoint files (by path), and junk: symlinks and old temp files."""
+    """Return the block and checkpoint files (by path), and junk: symlinks and old temp files."""
     now = time.time()
     on_disk: dict[str, Path] = {}
     junk: list[Path] = []
@@ -165,8 +166,13 @@ def _scan_files(store, temp_grace: float, problems: list[Problem]) -> tuple[dict
 
 
 def _judge_records(store, recs, on_disk, problems) -> dict[bytes, str]:
-    """Records against their files, their namespace's geometry and their parents;
-    takes each record's file out of ``on_disk``. Returns the records to remove."""
+    """Judge records against their files, their namespace's geometry and their parents.
+
+    Take each record's file out of ``on_disk`` and append what is wrong to ``problems``.
+
+    Returns:
+        The ids of the records to remove, with the reason.
+    """
     geometry = {ns: (d.get("geometry") or {}).get("layers") for ns, d in store.namespaces().items()}
     remove: dict[bytes, str] = {}
     for rid, rec in recs.items():
@@ -194,7 +200,7 @@ def _judge_records(store, recs, on_disk, problems) -> dict[bytes, str]:
 
 
 def _judge_links(recs, links, first_links, evict_keys, evictable, total, problems) -> None:
-    """Child links, first-token links and the byte counter against the records."""
+    """Judge child links, first-token links and the byte counter against the records."""
     link_set = set(links)
     for parent, child in links:
         rec = recs.get(child)
@@ -227,7 +233,7 @@ _RECORD_KINDS = {
 
 
 def _same(a: Record | None, b: Record) -> bool:
-    """Whether ``a`` is still the record ``b`` (not removed, nor removed and saved again)."""
+    """Return whether ``a`` is still the record ``b`` (not removed, nor removed and saved again)."""
     return a is not None and (a.created, a.checksum, a.nbytes, a.parent, a.tokens) == (
         b.created, b.checksum, b.nbytes, b.parent, b.tokens
     )
@@ -237,8 +243,11 @@ def _settle(store, recs, problems, candidates, temp_grace) -> list[Path]:
     """Drop findings a concurrent writer explains, from a fresh read of the index.
 
     A record evicted or replaced since the snapshot is not a problem any more, and
-    nor is its parent's absence. Returns the orphan files: candidates that no
-    record names now and that are older than ``temp_grace``.
+    nor is its parent's absence.
+
+    Returns:
+        The orphan files: candidates that no record names now and that are older
+        than ``temp_grace``.
     """
     ix = store.index
     now = time.time()
@@ -260,7 +269,7 @@ def _settle(store, recs, problems, candidates, temp_grace) -> list[Path]:
 
 
 def _indexed(ix, txn, path: Path) -> bool:
-    """Whether a record names this file now (files are named by their record id)."""
+    """Return whether a record names this file now (files are named by their record id)."""
     try:
         rid = bytes.fromhex(path.name.split(".")[0])
     except ValueError:

@@ -99,6 +99,13 @@ class DiskStore:
         readonly: bool = False,
         create: bool = True,
     ):
+        """Open the store at ``path``, creating it if allowed; see the class docstring.
+
+        Raises:
+            ValueError: if ``block_size`` or ``disk_bytes`` is invalid.
+            StoreError: if the folder is missing, not a store, non-empty, holds a
+                symlink, or was written with another format, hash or block size.
+        """
         self.path = Path(path)
         if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
             raise ValueError("block_size must be a positive integer")
@@ -187,7 +194,7 @@ class DiskStore:
         return int(stored)
 
     def settings(self) -> dict:
-        """The store's own settings record (format version, block size, versions)."""
+        """Return the store's own settings record (format version, block size, versions)."""
         with self.index.read() as txn:
             return self.index.get_format(txn) or {}
 
@@ -200,13 +207,19 @@ class DiskStore:
         description: dict | None = None,
         geometry: dict | None = None,
     ) -> Namespace:
-        """Records a model + cache layout and returns its namespace id.
+        """Record a model and cache layout; return its namespace id.
 
         Args:
+            files_fingerprint: fingerprint of the model's weight files.
+            layer_desc: the cache layout (:func:`tiercache.store.layers.describe_cache`).
+            description: free-form facts about the model, stored with a new namespace.
             geometry: shapes and vocabulary size of the model's cache (see
                 :func:`tiercache.store.namespaces.probe_layout`); recorded with the
                 namespace, also for one registered before without it. Restores and
                 ``check`` refuse stored tensors that don't fit it.
+
+        Returns:
+            The namespace id.
         """
         ns = namespace_id(files_fingerprint, layer_desc, self.block_size)
         with self.index.read() as txn:
@@ -234,7 +247,7 @@ class DiskStore:
         return ns
 
     def geometry(self, ns: bytes) -> dict | None:
-        """The namespace's recorded cache geometry, or None (registered without a model)."""
+        """Return the namespace's recorded cache geometry, or None (registered without one)."""
         if ns not in self._geo_cache:
             with self.index.read() as txn:
                 d = self.index.get_namespace(txn, ns)
@@ -245,15 +258,17 @@ class DiskStore:
         return self._geo_cache[ns]
 
     def namespaces_for_files(self, files_fingerprint: bytes) -> list[Namespace]:
-        """Namespaces stored for a model's files (one per cache layout / dtype)."""
+        """Return the namespaces stored for a model's files (one per cache layout / dtype)."""
         with self.index.read() as txn:
             return [Namespace(n) for n in self.index.namespaces_for_files(txn, files_fingerprint)]
 
     def namespaces(self) -> dict[bytes, dict]:
+        """Return every registered namespace's description, by id."""
         with self.index.read() as txn:
             return self.index.all_namespaces(txn)
 
     def layer_desc(self, ns: bytes) -> list | None:
+        """Return a namespace's cache layout, or None if it is not registered."""
         if ns not in self._desc_cache:
             with self.index.read() as txn:
                 d = self.index.get_namespace(txn, ns)
@@ -263,8 +278,11 @@ class DiskStore:
         return self._desc_cache[ns]
 
     def file_digest(self, path: Path) -> bytes:
-        """Full-content digest of a weight file, remembered in the index by
-        (real path, size, mtime, inode) so unchanged models aren't re-read."""
+        """Return the full-content digest of a weight file.
+
+        The digest is remembered in the index by (real path, size, mtime, inode), so
+        an unchanged model is not read again.
+        """
         real = os.path.realpath(path)
         st = os.stat(real)
         key = f"{real}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}".encode()
@@ -286,7 +304,7 @@ class DiskStore:
     # --- paths --------------------------------------------------------------------------
 
     def file_path(self, rec: Record) -> Path:
-        """Where a record's file lives: blocks are named by their chain hash."""
+        """Return where a record's file lives (named by the record id: a block's chain hash)."""
         folder = BLOCKS_DIR if rec.kind == KIND_BLOCK else CHECKPOINTS_DIR
         h = rec.id.hex()
         return self.path / folder / h[:2] / f"{h}.safetensors"
@@ -296,7 +314,7 @@ class DiskStore:
     def save(
         self, ns: Namespace, tokens: Sequence[int], cache: list, salt: str | bytes | None = None
     ) -> SaveResult:
-        """Stores the blocks and the tail/checkpoint of a snapshot that are not stored yet.
+        """Store the blocks and the tail/checkpoint of a snapshot that are not stored yet.
 
         Args:
             ns: a registered namespace.
@@ -310,7 +328,8 @@ class DiskStore:
             What was written.
 
         Raises:
-            ValueError: if the cache doesn't match the namespace's layout or the tokens.
+            ValueError: if the namespace is unknown or the cache doesn't match its
+                layout or the tokens.
         """
         desc = self.layer_desc(ns)
         if desc is None:
@@ -400,8 +419,9 @@ class DiskStore:
         return rec
 
     def _discard_uncommitted(self, new: list[Record]) -> None:
-        """Unlinks files written by a failed save, unless a record points at them
-        (another process may have stored the same content-addressed block)."""
+        """Unlink the files written by a failed save, unless a record points at them
+        (another process may have stored the same content-addressed block).
+        """
         if not new:
             return
         try:
@@ -417,7 +437,7 @@ class DiskStore:
                     pass
 
     def _commit(self, new: list[Record], result: SaveResult) -> None:
-        """Commits a save's records (in chain order) and takes back the files of
+        """Commit a save's records (in chain order) and take back the files of
         those that could not be attached.
 
         Which blocks exist was read before the files were written; a ``clear`` or
@@ -454,7 +474,7 @@ class DiskStore:
         result.written.extend(added)
 
     def adopt_records(self, ns: Namespace, items: Sequence[tuple[Record, bytes]]) -> SaveResult:
-        """Stores records verified elsewhere (a remote tier's hit) with their file bytes.
+        """Store records verified elsewhere (a remote tier's hit) with their file bytes.
 
         The caller has checked every record (tokens, chain id, checksum); records
         already stored are skipped. Files are durable before the index commit, as
@@ -468,7 +488,8 @@ class DiskStore:
             What was written.
 
         Raises:
-            ValueError: if the namespace is unknown or a record belongs to another.
+            ValueError: if the namespace is unknown, or a record belongs to another
+                namespace or its bytes don't match its size.
         """
         if self.layer_desc(ns) is None:
             raise ValueError("unknown namespace: register it first")
@@ -504,7 +525,7 @@ class DiskStore:
         salt: str | bytes | None = None,
         limit: int | None = None,
     ) -> RestorePlan:
-        """Finds the longest stored prefix of ``tokens`` that can be restored exactly.
+        """Find the longest stored prefix of ``tokens`` that can be restored exactly.
 
         Args:
             ns: namespace.
@@ -521,7 +542,10 @@ class DiskStore:
         )
 
     def restore(self, plan: RestorePlan) -> list | None:
-        """Builds mlx-lm cache objects for a plan, verifying every file.
+        """Build mlx-lm cache objects for a plan, verifying every file.
+
+        Returns:
+            The cache objects, one per layer.
 
         Raises:
             RestoreError: a file is missing, truncated or fails its checksum, or
@@ -538,11 +562,15 @@ class DiskStore:
         limit: int | None = None,
         plan: RestorePlan | None = None,
     ) -> tuple[list | None, int]:
-        """Longest valid prefix, restored. Bad files are dropped and the search retried.
+        """Restore the longest valid prefix; drop bad files and search again.
 
         Never raises for a bad file: the worst outcome is a miss.
 
         Args:
+            ns: namespace.
+            tokens: the prompt.
+            salt: tenant salt (must equal the one used to save).
+            limit: restore at most this many tokens.
             plan: the caller's :meth:`longest_prefix` result for these arguments,
                 so the first attempt doesn't walk the index again.
 
@@ -576,7 +604,7 @@ class DiskStore:
     # --- access times -------------------------------------------------------------------
 
     def touch(self, records: Sequence[Record]) -> None:
-        """Queues access-time updates; :meth:`flush_touches` writes them in one txn."""
+        """Queue access-time updates; :meth:`flush_touches` writes them in one transaction."""
         now = time.time()
         with self._touch_lock:
             for rec in records:
@@ -585,6 +613,7 @@ class DiskStore:
                 t[1] += 1
 
     def flush_touches(self) -> None:
+        """Write the queued access-time updates in one transaction (nothing if read-only)."""
         with self._touch_lock:
             pending, self._touches = self._touches, {}
         if not pending or self.readonly:
@@ -599,7 +628,7 @@ class DiskStore:
     # --- removal and budget -------------------------------------------------------------
 
     def _drop(self, ids: Sequence[bytes]) -> bool:
-        """Best-effort removal of bad records from a lookup path; never raises."""
+        """Remove bad records found on a lookup path, best effort; return True if removed. Never raise."""
         if self.readonly:
             return False
         try:
@@ -610,7 +639,11 @@ class DiskStore:
             return False
 
     def remove_records(self, ids: Sequence[bytes]) -> list[Record]:
-        """Deletes records (index first, commit, then files)."""
+        """Delete records: from the index first, then, after the commit, their files.
+
+        Returns:
+            The records that were removed (ids not stored are ignored).
+        """
 
         def fn(txn):
             return [r for r in (self.index.delete(txn, rid) for rid in ids) if r is not None]
@@ -624,7 +657,7 @@ class DiskStore:
         return removed
 
     def eviction_order(self) -> list[Record]:
-        """Every record in the order eviction would take them: LRU among leaves.
+        """Return every record in the order eviction would take them: LRU among leaves.
 
         Runs the real eviction in a transaction that is then aborted.
         """
@@ -632,11 +665,14 @@ class DiskStore:
         return self.index.dry_run(lambda txn: self.index.evict_lru(txn, -1))
 
     def evict_to(self, target_bytes: int) -> list[Record]:
-        """Evicts least recently used leaves until stored bytes <= target.
+        """Evict least recently used leaves until the stored bytes are <= ``target_bytes``.
 
         Victims are chosen and removed in one transaction, reading only the first
         keys of the index's eviction order: the cost grows with what is evicted,
         not with the size of the store.
+
+        Returns:
+            The evicted records.
         """
         with self.index.read() as txn:
             if self.index.total_bytes(txn) <= target_bytes:
@@ -653,7 +689,11 @@ class DiskStore:
         return removed
 
     def clear(self, namespace: bytes | None = None) -> int:
-        """Removes every record (of one namespace). Returns how many."""
+        """Remove every record, or those of one namespace (and undecodable ones).
+
+        Returns:
+            How many records were removed.
+        """
         with self.index.read() as txn:
             ids = [
                 rid
@@ -667,8 +707,9 @@ class DiskStore:
     def recent_snapshots(
         self, namespace: bytes, budget: int, salt: str | bytes | None = None
     ) -> list[StoredSnapshot]:
-        """The most recently used snapshots of a namespace, newest first, within
-        ``budget`` bytes of files; see :func:`tiercache.store.recent.recent_snapshots`."""
+        """Return the most recently used snapshots of a namespace, newest first, within
+        ``budget`` bytes of files; see :func:`tiercache.store.recent.recent_snapshots`.
+        """
         with self.index.read() as txn:
             return recent_snapshots(
                 self.index, txn, namespace, self.layer_desc(namespace), self.block_size, budget, salt
@@ -677,27 +718,29 @@ class DiskStore:
     # --- budget record ------------------------------------------------------------------
 
     def record_budget(self) -> None:
-        """Remembers this store's budget in the index, for ``tiercache stats``."""
+        """Remember this store's budget in the index, for ``tiercache stats``."""
         if not self.readonly:
             self.index.write(lambda txn: self.index.put_budget(txn, self.disk_bytes))
 
     def recorded_budget(self) -> int | None:
-        """The budget the last process that serves from this store set (None: unlimited)."""
+        """Return the budget set by the last process that served from this store (None: unlimited)."""
         with self.index.read() as txn:
             return self.index.get_budget(txn)
 
     # --- stats and maintenance ----------------------------------------------------------
 
     def total_bytes(self) -> int:
+        """Return the bytes of all stored record files, as counted in the index."""
         with self.index.read() as txn:
             return self.index.total_bytes(txn)
 
     def n_records(self) -> int:
+        """Return how many records are stored."""
         with self.index.read() as txn:
             return self.index.n_records(txn)
 
     def stats(self) -> dict:
-        """Cheap summary: records, bytes, budget (no scan)."""
+        """Return a cheap summary: records, bytes, budget, block size and counters (no scan)."""
         return {
             "entries": self.n_records(),
             "bytes": self.total_bytes(),
@@ -707,10 +750,11 @@ class DiskStore:
         }
 
     def check(self, fix: bool = False, temp_grace: float = 60.0) -> list:
-        """Finds (and with ``fix`` repairs) every inconsistency; see tiercache.store.check."""
+        """Find (and with ``fix`` repair) every inconsistency; see :mod:`tiercache.store.check`."""
         return check_store(self, fix=fix, temp_grace=temp_grace)
 
     def close(self) -> None:
+        """Write the queued access times and close the index; a second call does nothing."""
         if self._closed:
             return
         try:

@@ -51,7 +51,7 @@ def _digest(data: bytes) -> bytes:
 
 
 def pack_tokens(tokens: Sequence[int]) -> bytes:
-    """Packs token ids as little-endian uint32, the byte form that is hashed and stored.
+    """Pack token ids as little-endian uint32, the byte form that is hashed and stored.
 
     Args:
         tokens: token ids, each in ``[0, 2**32)``.
@@ -82,12 +82,12 @@ _NATIVE_U32 = array.array("I").itemsize == 4
 
 
 def unpack_tokens(data: bytes) -> list[int]:
-    """Inverse of :func:`pack_tokens`."""
+    """Unpack token ids: the inverse of :func:`pack_tokens`."""
     return np.frombuffer(data, dtype="<u4").tolist()
 
 
 def salt_bytes(salt: str | bytes | None) -> bytes:
-    """Normalises a tenant salt to bytes (UTF-8 for strings, empty for ``None``)."""
+    """Normalise a tenant salt to bytes (UTF-8 for strings, empty for ``None``)."""
     if salt is None:
         return b""
     if isinstance(salt, str):
@@ -98,7 +98,7 @@ def salt_bytes(salt: str | bytes | None) -> bytes:
 
 
 def chain_root(namespace: Namespace, salt: str | bytes | None = None) -> BlockHash:
-    """Root of a token-hash chain: xxh3_128(tag ‖ namespace ‖ salt).
+    """Return the root of a token-hash chain: xxh3_128(tag ‖ namespace ‖ salt).
 
     The salt's length is mixed in too, so ``salt=b""`` and ``salt=None`` are equal
     but no salt can masquerade as a longer namespace.
@@ -129,7 +129,7 @@ def block_hashes(root: BlockHash, tokens: Sequence[int], block_size: int) -> lis
 
 
 def packed_block_hashes(root: BlockHash, packed: bytes, block_size: int) -> list[BlockHash]:
-    """:func:`block_hashes` of tokens already packed by :func:`pack_tokens`."""
+    """Return :func:`block_hashes` of tokens already packed by :func:`pack_tokens`."""
     width = 4 * block_size
     mv = memoryview(packed)
     out: list[BlockHash] = []
@@ -143,12 +143,12 @@ def packed_block_hashes(root: BlockHash, packed: bytes, block_size: int) -> list
 
 
 def checkpoint_id(parent: BlockHash, tail_tokens: Sequence[int]) -> bytes:
-    """Id of a checkpoint/tail record: the block it hangs from plus its tail tokens."""
+    """Return the id of a checkpoint/tail record: the block it hangs from plus its tail tokens."""
     return packed_checkpoint_id(parent, pack_tokens(tail_tokens))
 
 
 def packed_checkpoint_id(parent: BlockHash, packed_tail: bytes) -> bytes:
-    """:func:`checkpoint_id` of tail tokens already packed by :func:`pack_tokens`."""
+    """Return :func:`checkpoint_id` of tail tokens already packed by :func:`pack_tokens`."""
     return _digest(b"ckpt" + parent + packed_tail)
 
 
@@ -156,7 +156,7 @@ _HF_BLOB = 64  # hex digits of the sha256 a Hugging Face cache names its blobs b
 
 
 def file_digest(path: Path) -> bytes:
-    """xxh3-128 of a file's whole content.
+    """Return the xxh3-128 of a file's whole content.
 
     Weights must be hashed in full: two fine-tunes of one architecture (or two LoRA
     adapters of one rank) have byte-identical safetensors headers and sizes, and
@@ -183,7 +183,7 @@ def file_digest(path: Path) -> bytes:
 def model_files_fingerprint(
     model_path: str | os.PathLike, digest: "Callable[[Path], bytes] | None" = None
 ) -> tuple[bytes, dict]:
-    """Fingerprint of a local model folder's files that determine its KV.
+    """Return the fingerprint of a local model folder's files that determine its KV.
 
     Covers config.json, the tokenizer files, and the full content of every
     ``*.safetensors`` file (see :func:`file_digest`).
@@ -226,7 +226,7 @@ def model_files_fingerprint(
 def adapter_files_fingerprint(
     path: str | os.PathLike, digest: "Callable[[Path], bytes] | None" = None
 ) -> bytes:
-    """Fingerprint of an adapter (a file, or a folder such as a LoRA's): every file's
+    """Return the fingerprint of an adapter (a file, or a folder such as a LoRA's): every file's
     full content (weights through ``digest``, see :func:`file_digest`)."""
     digest = digest or file_digest
     p = Path(path)
@@ -244,7 +244,7 @@ def adapter_files_fingerprint(
 def namespace_id(
     files_fingerprint: bytes, layer_desc: Iterable, block_size: int
 ) -> Namespace:
-    """Namespace of a model + cache layout + block size + format version.
+    """Return the namespace of a model + cache layout + block size + format version.
 
     Args:
         files_fingerprint: from :func:`model_files_fingerprint` (or any 16 bytes

@@ -101,6 +101,7 @@ class Record:
     tokens: bytes
 
     def encode(self) -> bytes:
+        """Return the record's stored value: the packed header, then its packed tokens."""
         return (
             _HEAD.pack(
                 self.kind,
@@ -119,6 +120,19 @@ class Record:
 
     @classmethod
     def decode(cls, rid: bytes, raw: bytes) -> "Record":
+        """Decode a stored value into a record.
+
+        Args:
+            rid: the record's id (its key in ``records``).
+            raw: the stored value.
+
+        Returns:
+            The record.
+
+        Raises:
+            ValueError: if the value is too short, its token count is wrong or its kind
+                is unknown.
+        """
         if len(raw) < _HEAD.size:
             raise ValueError("record too short")
         kind, ns, parent, nbytes, checksum, created, last, hits, pos, ntok = _HEAD.unpack_from(raw)
@@ -129,15 +143,17 @@ class Record:
 
     @property
     def token_list(self) -> list[int]:
+        """Return the record's tokens as a list of ints."""
         return unpack_tokens(self.tokens)
 
     @property
     def n_tokens(self) -> int:
+        """Return how many tokens the record holds."""
         return len(self.tokens) // 4
 
     @property
     def start(self) -> int:
-        """Chain position where this record's tokens begin."""
+        """Return the chain position where this record's tokens begin."""
         return self.position - self.n_tokens
 
 
@@ -146,6 +162,16 @@ class Index:
     and across processes (LMDB's own locking: readers never block the writer)."""
 
     def __init__(self, path: Path, *, readonly: bool = False, map_size: int = 1 << 30):
+        """Open (or create) the LMDB environment and its sub-databases.
+
+        Args:
+            path: the index folder.
+            readonly: open read-only; nothing is created.
+            map_size: initial LMDB map size in bytes (grown on demand by :meth:`write`).
+
+        Raises:
+            IndexError_: if LMDB can't open the folder or it is not a tiercache index.
+        """
         self.path = path
         self.readonly = readonly
         self._grow_lock = threading.Lock()
@@ -186,7 +212,7 @@ class Index:
 
     @contextmanager
     def read(self) -> Iterator[lmdb.Transaction]:
-        """A read-only snapshot; adopts a map grown by another process."""
+        """Yield a read-only transaction, adopting a map grown by another process."""
         try:
             txn = self.env.begin(write=False)
         except lmdb.MapResizedError:
@@ -198,7 +224,17 @@ class Index:
             txn.abort()
 
     def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
-        """Runs ``fn`` in a write transaction; grows the map and retries when full."""
+        """Run ``fn`` in a write transaction; grow the map and retry when it is full.
+
+        Args:
+            fn: called with the transaction; committed when it returns.
+
+        Returns:
+            What ``fn`` returned.
+
+        Raises:
+            IndexError_: if the index is read-only or the map can't be grown.
+        """
         if self.readonly:
             raise IndexError_("store opened read-only")
         for _ in range(40):
@@ -213,7 +249,14 @@ class Index:
         raise IndexError_("LMDB map could not be grown")
 
     def dry_run(self, fn: Callable[[lmdb.Transaction], T]) -> T:
-        """Run ``fn`` in a write transaction that is aborted: what it would do, undone."""
+        """Run ``fn`` in a write transaction that is then aborted: what it would do, undone.
+
+        Returns:
+            What ``fn`` returned.
+
+        Raises:
+            IndexError_: if the index is read-only.
+        """
         if self.readonly:
             raise IndexError_("store opened read-only")
         txn = self.env.begin(write=True)
@@ -241,15 +284,20 @@ class Index:
         return True
 
     def close(self) -> None:
+        """Close the LMDB environment."""
         self.env.close()
 
     # --- records ------------------------------------------------------------------
 
     def get(self, txn: lmdb.Transaction, rid: bytes, starts_with: bytes | None = None) -> Record | None:
-        """The record ``rid``, or None (missing or damaged).
+        """Return the record ``rid``, or None if it is missing or damaged.
 
-        ``starts_with``: packed tokens the record's tokens must begin with; others
-        are skipped without being decoded (fast scans of a parent's children).
+        Args:
+            txn: a transaction.
+            rid: the record id.
+            starts_with: packed tokens the record's tokens must begin with; other
+                records are skipped without being decoded (fast scans of a parent's
+                children).
         """
         raw = txn.get(rid, db=self.records)
         if raw is None:
@@ -262,13 +310,14 @@ class Index:
             return None  # a damaged record is a miss; check() reports and removes it
 
     def child_ids(self, txn: lmdb.Transaction, parent: bytes) -> list[bytes]:
+        """Return the ids of the records linked as children of ``parent``."""
         cur = txn.cursor(db=self.children)
         if not cur.set_key(parent):
             return []
         return list(cur.iternext_dup())
 
     def child_ids_starting(self, txn: lmdb.Transaction, parent: bytes, first: bytes) -> list[bytes]:
-        """Children of ``parent`` whose tokens start with the packed token ``first``."""
+        """Return the children of ``parent`` whose tokens start with the packed token ``first``."""
         cur = txn.cursor(db=self.firsttok)
         if not cur.set_key(parent + first[:4]):
             return []
@@ -276,40 +325,47 @@ class Index:
 
     @staticmethod
     def firsttok_key(rec: Record) -> bytes | None:
-        """Key of a record in ``firsttok`` (None for a record without tokens)."""
+        """Return a record's key in ``firsttok`` (None for a record without tokens)."""
         return rec.parent + rec.tokens[:4] if rec.tokens else None
 
     def iter_records(self, txn: lmdb.Transaction) -> Iterator[tuple[bytes, bytes]]:
-        """Raw ``(id, value)`` of every record (decode with Record.decode)."""
+        """Yield the raw ``(id, value)`` of every record (decode with :meth:`Record.decode`)."""
         cur = txn.cursor(db=self.records)
         for k, v in cur:
             yield bytes(k), bytes(v)
 
     def total_bytes(self, txn: lmdb.Transaction) -> int:
+        """Return the stored bytes counter (0 for a new index)."""
         raw = txn.get(_TOTAL, db=self.meta)
         return struct.unpack("<q", raw)[0] if raw else 0
 
     def add_total(self, txn: lmdb.Transaction, delta: int) -> None:
+        """Add ``delta`` (may be negative) to the stored bytes counter."""
         txn.put(_TOTAL, struct.pack("<q", self.total_bytes(txn) + delta), db=self.meta)
 
     def set_total(self, txn: lmdb.Transaction, value: int) -> None:
+        """Set the stored bytes counter to ``value``."""
         txn.put(_TOTAL, struct.pack("<q", value), db=self.meta)
 
     def has(self, txn: lmdb.Transaction, rid: bytes) -> bool:
-        """True if a record is stored under ``rid`` (decodable or not)."""
+        """Return True if a record is stored under ``rid`` (decodable or not)."""
         return txn.get(rid, db=self.records) is not None
 
     def n_records(self, txn: lmdb.Transaction) -> int:
+        """Return how many records are stored."""
         return txn.stat(self.records)["entries"]
 
     def is_leaf(self, txn: lmdb.Transaction, rid: bytes) -> bool:
-        """True if no record is linked as a child of ``rid``."""
+        """Return True if no record is linked as a child of ``rid``."""
         return not txn.cursor(db=self.children).set_key(rid)
 
     def insert(self, txn: lmdb.Transaction, rec: Record) -> bool:
-        """Adds a record and its parent link unless its id exists; counts its bytes.
+        """Add a record and its parent link unless its id exists; count its bytes.
 
         The record becomes an eviction candidate; its parent stops being one.
+
+        Returns:
+            True if the record was added, False if its id was already stored.
         """
         if not txn.put(rec.id, rec.encode(), db=self.records, overwrite=False):
             return False
@@ -326,9 +382,13 @@ class Index:
         return True
 
     def delete(self, txn: lmdb.Transaction, rid: bytes) -> Record | None:
-        """Removes a record, its parent link and its bytes from the total.
+        """Remove a record, its parent link and its bytes from the total.
 
         A parent left without children becomes an eviction candidate.
+
+        Returns:
+            The removed record, or None if it was missing or undecodable (an
+            undecodable value is still removed).
         """
         raw = txn.get(rid, db=self.records)
         if raw is None:
@@ -350,11 +410,14 @@ class Index:
         return rec
 
     def delete_raw(self, txn: lmdb.Transaction, rid: bytes) -> None:
-        """Removes an undecodable record's bytes (``check`` repairs links after)."""
+        """Remove an undecodable record's value (``check`` repairs the links after)."""
         txn.delete(rid, db=self.records)
 
     def touch(self, txn: lmdb.Transaction, rid: bytes, when: float, hits: int) -> None:
-        """Moves a record's last access forward (re-keying it if it is a leaf)."""
+        """Move a record's last access forward and add ``hits`` to its count.
+
+        A leaf is re-keyed in ``evictable``; a missing or undecodable record is ignored.
+        """
         raw = txn.get(rid, db=self.records)
         if raw is None:
             return
@@ -372,7 +435,7 @@ class Index:
     # --- eviction -------------------------------------------------------------------
 
     def evict_lru(self, txn: lmdb.Transaction, target_bytes: int) -> list[Record]:
-        """Deletes least recently used leaves until the stored bytes are <= target.
+        """Delete least recently used leaves until the stored bytes are <= ``target_bytes``.
 
         Costs O(victims x log N): each victim is the first key of ``evictable``. A
         parent whose last child goes becomes a candidate at once, so a snapshot's
@@ -399,7 +462,7 @@ class Index:
         return out
 
     def iter_leaves(self, txn: lmdb.Transaction, newest_first: bool = False) -> Iterator[Record]:
-        """Leaf records by last access (oldest first, or newest first)."""
+        """Yield leaf records by last access, oldest first (or newest first)."""
         if self.evictable is None:
             return
         cur = txn.cursor(db=self.evictable)
@@ -410,14 +473,14 @@ class Index:
                 yield rec
 
     def rebuild_evictable(self, txn: lmdb.Transaction) -> None:
-        """Rebuilds ``evictable`` from the records and child links in ``txn``."""
+        """Rebuild ``evictable`` from the records and child links in ``txn``."""
         txn.drop(self.evictable, delete=False)
         for rid, rec in self.scan(txn):
             if rec is not None and self.is_leaf(txn, rid):
                 txn.put(evict_key(rec), b"", db=self.evictable)
 
     def rebuild_derived(self, txn: lmdb.Transaction) -> None:
-        """Rebuilds the derived sub-databases (``firsttok``, ``evictable``) in ``txn``."""
+        """Rebuild the derived sub-databases (``firsttok``, ``evictable``) in ``txn``."""
         txn.drop(self.firsttok, delete=False)
         for rid, rec in self.scan(txn):
             if rec is not None and rec.tokens:
@@ -425,9 +488,13 @@ class Index:
         self.rebuild_evictable(txn)
 
     def rebuild_from(self, txn: lmdb.Transaction, records: dict[bytes, Record]) -> None:
-        """Rebuilds child links, the derived sub-databases and the byte counter from ``records``.
+        """Rebuild child links, the derived sub-databases and the byte counter from ``records``.
 
         Used by repair, inside the transaction that decided which records stay.
+
+        Args:
+            txn: a write transaction.
+            records: the records to keep, by id.
         """
         txn.drop(self.children, delete=False)
         for rid, rec in records.items():
@@ -438,7 +505,7 @@ class Index:
     # --- read views (check, inspect, the CLI) ------------------------------------------
 
     def scan(self, txn: lmdb.Transaction) -> Iterator[tuple[bytes, Record | None]]:
-        """``(id, record or None if undecodable)`` for every record, in id order."""
+        """Yield ``(id, record or None if undecodable)`` for every record, in id order."""
         for rid, raw in self.iter_records(txn):
             try:
                 yield rid, Record.decode(rid, raw)
@@ -446,70 +513,89 @@ class Index:
                 yield rid, None
 
     def child_links(self, txn: lmdb.Transaction) -> Iterator[tuple[bytes, bytes]]:
-        """Every ``(parent, child)`` link."""
+        """Yield every ``(parent, child)`` link."""
         cur = txn.cursor(db=self.children)
         for parent, child in cur.iternext(keys=True, values=True):
             yield bytes(parent), bytes(child)
 
     def first_token_links(self, txn: lmdb.Transaction) -> Iterator[tuple[bytes, bytes]]:
-        """Every ``(parent ‖ first token, child)`` entry of ``firsttok``."""
+        """Yield every ``(parent ‖ first token, child)`` entry of ``firsttok``."""
         cur = txn.cursor(db=self.firsttok)
         for key, child in cur.iternext(keys=True, values=True):
             yield bytes(key), bytes(child)
 
     def evictable_keys(self, txn: lmdb.Transaction) -> set[bytes]:
-        """Every key of ``evictable`` (empty for an unmigrated read-only store)."""
+        """Return every key of ``evictable`` (empty for an unmigrated read-only store)."""
         if self.evictable is None:
             return set()
         return {bytes(k) for k in txn.cursor(db=self.evictable).iternext(values=False)}
 
     def unlink_child(self, txn: lmdb.Transaction, parent: bytes, child: bytes) -> None:
+        """Remove the link from ``parent`` to ``child``."""
         txn.delete(parent, child, db=self.children)
 
     def link_child(self, txn: lmdb.Transaction, parent: bytes, child: bytes) -> None:
+        """Link ``child`` under ``parent``."""
         txn.put(parent, child, db=self.children, dupdata=True)
 
     # --- meta and namespaces ------------------------------------------------------------
 
     def get_format(self, txn: lmdb.Transaction) -> dict | None:
+        """Return the store's format record, or None for a new store."""
         raw = txn.get(_FORMAT, db=self.meta)
         return json.loads(raw) if raw else None
 
     def put_format(self, txn: lmdb.Transaction, fmt: dict) -> None:
+        """Write the store's format record."""
         txn.put(_FORMAT, json.dumps(fmt, sort_keys=True).encode(), db=self.meta)
 
     def get_namespace(self, txn: lmdb.Transaction, ns: bytes) -> dict | None:
+        """Return a namespace's description, or None if it is not registered."""
         raw = txn.get(ns, db=self.namespaces)
         return json.loads(raw) if raw else None
 
     def put_namespace(self, txn: lmdb.Transaction, ns: bytes, desc: dict, files_fp: bytes) -> None:
+        """Write a namespace's description and list it under its model files.
+
+        Args:
+            txn: a write transaction.
+            ns: the namespace id.
+            desc: the description (JSON-serialisable).
+            files_fp: the fingerprint of the model's weight files.
+        """
         txn.put(ns, json.dumps(desc, sort_keys=True).encode(), db=self.namespaces)
         txn.put(files_fp, ns, db=self.modelfiles, dupdata=True)
 
     def namespaces_for_files(self, txn: lmdb.Transaction, files_fp: bytes) -> list[bytes]:
+        """Return the namespaces registered for the model files ``files_fp``."""
         cur = txn.cursor(db=self.modelfiles)
         if not cur.set_key(files_fp):
             return []
         return [bytes(v) for v in cur.iternext_dup()]
 
     def get_budget(self, txn: lmdb.Transaction) -> int | None:
+        """Return the recorded disk budget in bytes, or None (unlimited or never recorded)."""
         raw = txn.get(_BUDGET, db=self.meta)
         return struct.unpack("<q", raw)[0] if raw else None
 
     def put_budget(self, txn: lmdb.Transaction, budget: int | None) -> None:
+        """Record the disk budget in bytes; None removes it (unlimited)."""
         if budget is None:
             txn.delete(_BUDGET, db=self.meta)
         else:
             txn.put(_BUDGET, struct.pack("<q", budget), db=self.meta)
 
     def get_file_digest(self, txn: lmdb.Transaction, key: bytes) -> bytes | None:
+        """Return the remembered digest of a weight file, or None."""
         raw = txn.get(key, db=self.filehash)
         return bytes(raw) if raw is not None else None
 
     def put_file_digest(self, txn: lmdb.Transaction, key: bytes, digest: bytes) -> None:
+        """Remember a weight file's digest under ``key`` (path, size, mtime, inode)."""
         txn.put(key, digest, db=self.filehash)
 
     def all_namespaces(self, txn: lmdb.Transaction) -> dict[bytes, dict]:
+        """Return every namespace's description by id (an unreadable one as ``{"error": ...}``)."""
         out = {}
         for k, v in txn.cursor(db=self.namespaces):
             try:
@@ -520,5 +606,5 @@ class Index:
 
 
 def evict_key(rec: Record) -> bytes:
-    """A record's key in ``evictable``: LRU first, deeper first on equal times."""
+    """Return a record's key in ``evictable``: LRU first, deeper first on equal times."""
     return _EVICT.pack(max(0.0, rec.last_access), _U64 - rec.position, rec.id)

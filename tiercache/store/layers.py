@@ -69,7 +69,7 @@ class HostLayer:
 
 
 def to_host(prompt_cache: list) -> list[HostLayer]:
-    """Writer-safe numpy views of a prompt cache, without copying its data.
+    """Return writer-safe numpy views of a prompt cache, without copying its data.
 
     Must run on the thread that owns MLX. Each array gets a *new* handle on the
     same buffer before it is viewed: a later in-place write by the caller rebinds
@@ -108,7 +108,7 @@ def to_host(prompt_cache: list) -> list[HostLayer]:
 
 
 def from_host(host: list[HostLayer], n_tokens: int) -> list:
-    """Rebuilds mlx-lm cache objects from :func:`to_host` views, holding ``n_tokens``.
+    """Rebuild mlx-lm cache objects from :func:`to_host` views, holding ``n_tokens``.
 
     The inverse of ``to_host`` followed by a restore of the first ``n_tokens``
     tokens: splittable layers get their first ``n_tokens`` rows copied into new
@@ -156,7 +156,7 @@ def _dtype_of(layer: Any) -> str | None:
 
 
 def describe_layer(layer: Any) -> dict:
-    """JSON-able description of one layer: class, dtype and class parameters."""
+    """Return a JSON-able description of one layer: class, dtype and class parameters."""
     if isinstance(layer, HostLayer):
         return layer.desc
     name = _class_name(layer)
@@ -177,12 +177,12 @@ def describe_layer(layer: Any) -> dict:
 
 
 def describe_cache(cache: list) -> list[dict]:
-    """Descriptions of every layer of a prompt cache (part of the namespace)."""
+    """Return the descriptions of every layer of a prompt cache (part of the namespace)."""
     return [describe_layer(c) for c in cache]
 
 
 def _tensor_geometry(name: str, dtype: str, shape) -> list:
-    """``[dims..., dtype]`` of one stored tensor; the sequence axis (axis 2 of K/V
+    """Return ``[dims..., dtype]`` of one stored tensor; the sequence axis (axis 2 of K/V
     tensors) is ``-1``. ArraysCache arrays (names ``a<j>``) have no sequence axis."""
     dims = [int(x) for x in shape]
     if not name.rpartition(".")[2].startswith("a") and len(dims) == 4:
@@ -191,7 +191,7 @@ def _tensor_geometry(name: str, dtype: str, shape) -> list:
 
 
 def layer_geometry(layer: Any) -> dict[str, list]:
-    """Shapes and dtypes of the tensors a layer is stored as, by tensor name as it
+    """Return the shapes and dtypes of the tensors a layer is stored as, by tensor name as it
     appears in block files after the layer index (``k``, ``v``, ``s.<state name>``).
 
     Part of a namespace's description: a file whose tensors don't fit it (another
@@ -211,12 +211,12 @@ def layer_geometry(layer: Any) -> dict[str, list]:
 
 
 def cache_geometry(cache: list) -> list[dict[str, list]]:
-    """:func:`layer_geometry` of every layer of a prompt cache."""
+    """Return :func:`layer_geometry` of every layer of a prompt cache."""
     return [layer_geometry(c) for c in cache]
 
 
 def geometry_misfit(layers: list[dict], name: str, dtype: str, shape) -> str | None:
-    """Why a stored tensor ``name`` (``<layer>.<suffix>``) doesn't fit a namespace's
+    """Return why a stored tensor ``name`` (``<layer>.<suffix>``) doesn't fit a namespace's
     geometry, or None when it fits."""
     li, _, suffix = name.partition(".")
     try:
@@ -232,16 +232,17 @@ def geometry_misfit(layers: list[dict], name: str, dtype: str, shape) -> str | N
 
 
 def is_splittable(desc: dict) -> bool:
+    """Return True if a layer of this description can be cut at any token."""
     return desc["class"] in SPLITTABLE
 
 
 def all_splittable(layer_desc: list[dict]) -> bool:
-    """True when every layer can be cut at any token (token-level prefix reuse)."""
+    """Return True when every layer can be cut at any token (token-level prefix reuse)."""
     return all(is_splittable(d) for d in layer_desc)
 
 
 def layer_offset(layer: Any) -> int | None:
-    """Tokens a layer holds, where the class records it."""
+    """Return the tokens a layer holds, where the class records it."""
     if isinstance(layer, HostLayer):
         return layer.offset
     return getattr(layer, "offset", None)
@@ -257,7 +258,7 @@ def _kv_arrays(layer: Any) -> list[tuple[str, mx.array]]:
 
 
 def kv_rows(layer: Any, start: int, end: int) -> list[tuple[str, str, np.ndarray]]:
-    """Zero-copy views of rows ``[start, end)`` of a splittable layer.
+    """Return zero-copy views of rows ``[start, end)`` of a splittable layer.
 
     Returns:
         ``(suffix, safetensors dtype, numpy view)`` per tensor, shape ``(B, H, n, D)``.
@@ -272,13 +273,14 @@ def kv_rows(layer: Any, start: int, end: int) -> list[tuple[str, str, np.ndarray
 
 
 def kv_suffixes(desc: dict) -> list[str]:
+    """Return the tensor name suffixes a splittable layer of this description is stored as."""
     if desc["class"] == "QuantizedKVCache":
         return ["k0", "k1", "k2", "v0", "v1", "v2"]
     return ["k", "v"]
 
 
 def build_splittable(desc: dict, arrays: dict[str, mx.array], n_tokens: int) -> Any:
-    """Rebuilds a splittable layer whose arrays hold ``n_tokens`` live rows (KVCache and
+    """Rebuild a splittable layer whose arrays hold ``n_tokens`` live rows (KVCache and
     QuantizedKVCache buffers may have spare rows after them)."""
     cls = ALLOWED_CLASSES[desc["class"]]
     if desc["class"] == "QuantizedKVCache":
@@ -293,7 +295,7 @@ def build_splittable(desc: dict, arrays: dict[str, mx.array], n_tokens: int) -> 
 
 
 def _temporal(layer: Any, v: mx.array) -> mx.array:
-    """Rows of a RotatingKVCache buffer in the order the tokens came."""
+    """Return the rows of a RotatingKVCache buffer in the order the tokens came."""
     idx, keep = layer._idx, layer.keep
     if idx == v.shape[2]:
         return v
@@ -303,7 +305,7 @@ def _temporal(layer: Any, v: mx.array) -> mx.array:
 
 
 def host_state(layer: Any) -> tuple[list[tuple[str, str, np.ndarray]], dict]:
-    """``encode_state`` as ``(name, dtype, numpy view)`` triples, for writing."""
+    """Return ``encode_state`` as ``(name, dtype, numpy view)`` triples, for writing."""
     if isinstance(layer, HostLayer):
         return [(n, dt, v) for n, (dt, v) in layer.arrays.items()], layer.meta
     tensors, meta = encode_state(layer)
@@ -311,7 +313,7 @@ def host_state(layer: Any) -> tuple[list[tuple[str, str, np.ndarray]], dict]:
 
 
 def encode_state(layer: Any, prefix: str = "") -> tuple[dict[str, mx.array], dict]:
-    """Whole state of a checkpoint layer as tensors plus JSON metadata."""
+    """Return the whole state of a checkpoint layer as tensors plus JSON metadata."""
     name = _class_name(layer)
     tensors: dict[str, mx.array] = {}
     meta: dict = {"class": name}
@@ -359,7 +361,7 @@ def encode_state(layer: Any, prefix: str = "") -> tuple[dict[str, mx.array], dic
 
 
 def decode_state(meta: dict, tensors: dict[str, mx.array], prefix: str = "") -> Any:
-    """Inverse of :func:`encode_state`; only builds allow-listed classes."""
+    """Build a layer from :func:`encode_state`'s output; build only allow-listed classes."""
     name = meta.get("class")
     if name not in ALLOWED_CLASSES:
         raise UnsupportedCacheError(f"refusing to build cache class {name!r}")

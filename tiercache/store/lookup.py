@@ -42,11 +42,12 @@ class RestorePlan:
 
     @property
     def records(self) -> list[Record]:
+        """Return the records to restore, in chain order (the last one included)."""
         return self.chain + ([self.last] if self.last is not None else [])
 
 
 def _common_prefix(a: bytes, b: bytes) -> int:
-    """Length, in tokens, of the common prefix of two packed token strings."""
+    """Return the length, in tokens, of the common prefix of two packed token strings."""
     n = min(len(a), len(b)) // 4
     if n == 0:
         return 0
@@ -57,7 +58,7 @@ def _common_prefix(a: bytes, b: bytes) -> int:
 
 
 def _token_seq(tokens) -> Sequence[int]:
-    """A sliceable token sequence: numpy arrays stay arrays (packed without a list)."""
+    """Return a sliceable token sequence: numpy arrays stay arrays (packed without a list)."""
     if isinstance(tokens, mx.array):
         tokens = np.array(tokens)
     if isinstance(tokens, np.ndarray):
@@ -75,7 +76,7 @@ def find_longest_prefix(
     salt: str | bytes | None = None,
     limit: int | None = None,
 ) -> RestorePlan:
-    """The longest stored prefix of ``tokens`` that restores exactly.
+    """Find the longest stored prefix of ``tokens`` that restores exactly.
 
     Args:
         index: the store's index.

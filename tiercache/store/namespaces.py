@@ -46,7 +46,7 @@ def probe_layer_desc(model: Any) -> list[dict]:
 
 
 def cache_arrays(obj: Any):
-    """Every ``mx.array`` inside a prompt cache (nested lists and CacheLists too)."""
+    """Return every ``mx.array`` inside a prompt cache (nested lists and CacheLists too)."""
     if isinstance(obj, mx.array):
         yield obj
     elif isinstance(obj, (list, tuple)):
@@ -58,7 +58,7 @@ def cache_arrays(obj: Any):
 
 
 def _local_model(ref: Any) -> Path | None:
-    """A local model folder for a path or an already-downloaded Hugging Face repo id."""
+    """Return a local model folder for a path or an already-downloaded Hugging Face repo id."""
     if not isinstance(ref, (str, os.PathLike)):
         return None
     p = Path(ref)
@@ -76,7 +76,7 @@ def _local_model(ref: Any) -> Path | None:
 
 
 def model_path_of(key: Any) -> Path | None:
-    """The local model folder named by a cache key, if any.
+    """Return the local model folder named by a cache key, if any.
 
     Accepts a path, or a tuple whose first item is a path (mlx_lm.server passes
     ``(model_path, adapter_path, draft_model_path)``).
@@ -89,7 +89,7 @@ def model_path_of(key: Any) -> Path | None:
 def stack_fingerprint(
     model_path, adapter_path=None, draft_model_path=None, digest=None
 ) -> tuple[bytes, dict]:
-    """Fingerprint of everything that shapes the KV a server computes: the model's
+    """Return the fingerprint of everything that shapes the KV a server computes: the model's
     files, plus an adapter's (a LoRA changes every layer's K/V) and a draft model's
     (its cache layers are part of the prompt cache). Without adapter and draft it
     equals :func:`tiercache.store.hashing.model_files_fingerprint`. ``digest`` hashes
@@ -116,7 +116,7 @@ def stack_fingerprint(
 
 
 def key_fingerprint(key: Any, digest=None) -> tuple[bytes, dict] | None:
-    """:func:`stack_fingerprint` of the model, adapter and draft a cache key names,
+    """Return :func:`stack_fingerprint` of the model, adapter and draft a cache key names,
     or None when they aren't all local files (such keys stay memory-only)."""
     path = model_path_of(key)
     if path is None:
@@ -140,7 +140,7 @@ def model_namespace(
     draft_model_path=None,
     draft_model: Any = None,
 ) -> Namespace:
-    """Registers (if new) and returns the namespace of a model in a store.
+    """Register (if new) and return the namespace of a model in a store.
 
     Args:
         store: a :class:`tiercache.store.disk.DiskStore`.

@@ -28,13 +28,19 @@ class RestoreError(TiercacheError):
     """A record's file is missing or corrupt; carries the record."""
 
     def __init__(self, record: Record, reason: str):
+        """Name the record whose file failed and why.
+
+        Args:
+            record: the record whose file failed.
+            reason: what is wrong with it.
+        """
         super().__init__(f"{record.id.hex()}: {reason}")
         self.record = record
         self.reason = reason
 
 
 def _prefetch(paths: Sequence[Path]) -> None:
-    """Asks the kernel to read every file of a plan ahead (POSIX_FADV_WILLNEED), so
+    """Ask the kernel to read every file of a plan ahead (POSIX_FADV_WILLNEED), so
     a cold restore overlaps disk reads with hashing and copying instead of waiting
     for each file in turn. A no-op where fadvise is missing."""
     if not hasattr(os, "posix_fadvise"):
@@ -58,7 +64,7 @@ def read_plan(
     geometry: list | None = None,
     open_record: Callable[[Record], HashingReader] | None = None,
 ) -> list | None:
-    """Builds mlx-lm cache objects for a plan, verifying every file.
+    """Build mlx-lm cache objects for a plan, verifying every file.
 
     Args:
         plan: from :func:`tiercache.store.lookup.find_longest_prefix`.
@@ -123,7 +129,7 @@ def read_plan(
 
 
 def _read_record(r, rec, use, row, n_total, split, dests, state_arrays, geometry=None):
-    """Reads one record's file (an open reader) into the restore buffers; returns its
+    """Read one record's file (an open reader) into the restore buffers; return its
     layer states."""
     states = None
     try:

@@ -56,7 +56,7 @@ from .memory import clone_prompt_cache
 from ..store.namespaces import cache_arrays
 
 def last_user_message_start(tokenizer: Any, messages: list[dict], **template_kwargs) -> int:
-    """Token position where the last user or tool-result message's *content* starts.
+    """Return the token position where the last user or tool-result message's *content* starts.
 
     A thin wrapper over :func:`tiercache.chat.render_chat` (``need_user_start=True``),
     which renders the chat exactly as the server does and finds the position with
@@ -104,7 +104,7 @@ class CheckpointPolicy:
         self.min_assistant_tokens = min_assistant_tokens
 
     def stops(self, *, prompt_len: int, user_start: int, trimmable: bool, cached: int = 0) -> list[int]:
-        """Positions the prefill must split at (and snapshot), for :func:`prefill_with_checkpoints`.
+        """Return the positions the prefill must split at (and snapshot), for :func:`prefill_with_checkpoints`.
 
         Only the ``"system"`` checkpoint at the last user message's start lies
         inside the prefill; it is returned when it is past ``cached`` (no need to
@@ -124,7 +124,7 @@ class CheckpointPolicy:
         trimmable: bool,
         total_len: int | None = None,
     ) -> list[Checkpoint]:
-        """The checkpoints a request should insert, shortest first.
+        """Return the checkpoints a request should insert, shortest first.
 
         Args:
             prompt_len: tokens in the prompt.
@@ -152,12 +152,12 @@ class CheckpointPolicy:
         return out
 
     def for_cache(self, cache: list, **kwargs) -> list[Checkpoint]:
-        """:meth:`plan` with ``trimmable`` read from a prompt cache."""
+        """Return :meth:`plan` with ``trimmable`` read from a prompt cache."""
         return self.plan(trimmable=can_trim_prompt_cache(cache), **kwargs)
 
 
 def chunk_boundaries(start: int, end: int, stops: Sequence[int], step: int) -> list[int]:
-    """End positions of the prefill chunks from ``start`` to ``end`` (the module's rule)."""
+    """Return the end positions of the prefill chunks from ``start`` to ``end`` (the module's rule)."""
     if step <= 0:
         raise ValueError("step must be positive")
     cuts = sorted({s for s in stops if start < s < end})
@@ -180,7 +180,7 @@ def prefill_with_checkpoints(
     *,
     offset: int | None = None,
 ) -> dict[int, list]:
-    """Prefills ``tokens`` into ``cache`` following the chunk-boundary rule.
+    """Prefill ``tokens`` into ``cache`` following the chunk-boundary rule.
 
     Args:
         model: an mlx-lm model.

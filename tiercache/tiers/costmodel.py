@@ -147,7 +147,7 @@ class PromotionCostModel:
         return tokens / self.prefill_tokens_per_second
 
     def prefer_disk(self, memory_tokens: int, disk_tokens: int, disk_bytes: int) -> bool:
-        """Whether to restore the disk prefix rather than use the memory one.
+        """Return whether to restore the disk prefix rather than use the memory one.
 
         Args:
             memory_tokens: Tokens the memory tier offers (0: none).

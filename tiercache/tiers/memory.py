@@ -111,7 +111,7 @@ def _clone_object(obj: Any) -> Any:
 
 
 def clone_prompt_cache(prompt_cache: Sequence[Any]) -> list:
-    """Returns a shallow clone of a prompt cache that is safe to mutate.
+    """Return a shallow clone of a prompt cache that is safe to mutate.
 
     Each cache object (including nested ones, e.g. in ``CacheList``) is a new
     object of the same class; each ``mx.array`` is a new handle on the same
@@ -132,7 +132,7 @@ def clone_prompt_cache(prompt_cache: Sequence[Any]) -> list:
 
 
 def _common_len(edge: tuple, q: tuple, start: int) -> int:
-    """Length of the common prefix of ``edge`` and ``q[start:]``."""
+    """Return the length of the common prefix of ``edge`` and ``q[start:]``."""
     n = min(len(edge), len(q) - start)
     if edge[:n] == q[start : start + n]:  # the common case: one C comparison
         return n
@@ -148,6 +148,7 @@ def _common_len(edge: tuple, q: tuple, start: int) -> int:
 
 
 class _Node:
+    """A trie node: the edge from its parent, its depth, children and entry."""
     __slots__ = ("parent", "edge", "depth", "children", "entry", "n_trim")
 
     def __init__(self, parent: Optional["_Node"], edge: tuple, depth: int):
@@ -161,6 +162,7 @@ class _Node:
 
 @dataclass(eq=False)  # identity hash: used as a key of the LRU dicts
 class _Entry:
+    """One stored snapshot: its key, tokens, cache and LRU bookkeeping."""
     key: Hashable
     tokens: tuple
     prompt_cache: list
@@ -227,7 +229,7 @@ class MemoryPromptCache:
 
     @property
     def nbytes(self) -> int:
-        """Total bytes of the stored sequences."""
+        """Return the total bytes of the stored sequences."""
         return self._nbytes
 
     def __len__(self) -> int:
@@ -235,7 +237,7 @@ class MemoryPromptCache:
             return sum(len(lru) for lru in self._lrus.values())
 
     def stats_by_type(self) -> dict:
-        """Returns ``{cache_type: {"n_sequences": int, "n_bytes": int}}``."""
+        """Return ``{cache_type: {"n_sequences": int, "n_bytes": int}}``."""
         with self._lock:
             return {
                 t: {"n_sequences": len(self._lrus[t]), "n_bytes": self._bytes_by_type[t]}
@@ -243,7 +245,7 @@ class MemoryPromptCache:
             }
 
     def entries(self) -> list:
-        """Returns ``[(key, tokens, cache_type, nbytes)]``, most recently used last."""
+        """Return ``[(key, tokens, cache_type, nbytes)]``, most recently used last."""
         with self._lock:
             all_entries = [e for lru in self._lrus.values() for e in lru]
         all_entries.sort(key=lambda e: e.tick)
@@ -259,7 +261,7 @@ class MemoryPromptCache:
         limit: Optional[int] = None,
         handover: bool = True,
     ) -> Optional[MemoryHit]:
-        """Finds the stored cache covering the most leading tokens of a query.
+        """Find the stored cache covering the most leading tokens of a query.
 
         Candidates are stored prefixes of ``tokens`` no longer than ``limit``
         (used as they are) and trimmable entries sharing a common prefix ``c``
@@ -312,7 +314,7 @@ class MemoryPromptCache:
         return MemoryHit(prompt_cache, n_tokens, entry.cache_type, give)
 
     def _search(self, root: _Node, q: tuple, limit: int):
-        """Returns ``(entry, n_tokens)`` for the best usable entry, or None."""
+        """Return ``(entry, n_tokens)`` for the best usable entry, or None."""
         n = len(q)
         prefix_node = None  # deepest entry on the query path with depth <= limit
         trim_node, trim_c = None, 0  # deepest node whose subtree has a trimmable entry
@@ -345,7 +347,7 @@ class MemoryPromptCache:
 
     @staticmethod
     def _trimmable_below(node: _Node, q: tuple) -> _Entry:
-        """Descends from ``node`` (``n_trim > 0``) to the nearest trimmable entry."""
+        """Descend from ``node`` (``n_trim > 0``) to the nearest trimmable entry."""
         n = len(q)
         while node.entry is None or not node.entry.trimmable:
             nxt = node.children.get(q[node.depth]) if node.depth < n else None
@@ -364,7 +366,7 @@ class MemoryPromptCache:
         *,
         cache_type: str = "assistant",
     ) -> None:
-        """Stores a snapshot of the cache for ``tokens``, then enforces the budget.
+        """Store a snapshot of the cache for ``tokens``, then enforce the budget.
 
         The store keeps a shallow clone, so the caller may keep using (and
         writing to) its own objects. An entry with equal tokens is replaced; a
@@ -432,7 +434,7 @@ class MemoryPromptCache:
 
     @staticmethod
     def _node_for(root: _Node, q: tuple) -> _Node:
-        """Returns the node for exactly ``q``, splitting an edge if needed."""
+        """Return the node for exactly ``q``, splitting an edge if needed."""
         node, i, n = root, 0, len(q)
         while i < n:
             child = node.children.get(q[i])
@@ -455,7 +457,7 @@ class MemoryPromptCache:
     # -------------------------------------------------------------- removal
 
     def remove(self, key: Hashable, tokens: Sequence[int]) -> bool:
-        """Removes the entry for exactly ``tokens`` (no ``on_evict``).
+        """Remove the entry for exactly ``tokens`` (no ``on_evict``).
 
         Returns:
             True if an entry was removed.
@@ -475,7 +477,7 @@ class MemoryPromptCache:
             return True
 
     def trim_to(self, *, n_sequences: Optional[int] = None, n_bytes: Optional[int] = None) -> None:
-        """Evicts (through ``on_evict``) until both limits hold.
+        """Evict (through ``on_evict``) until both limits hold.
 
         Args:
             n_sequences: Maximum number of sequences to keep (None: no limit).
@@ -488,7 +490,7 @@ class MemoryPromptCache:
         self._deliver(evicted)
 
     def clear(self) -> None:
-        """Drops every entry without calling ``on_evict``."""
+        """Drop every entry without calling ``on_evict``."""
         with self._lock:
             self._roots.clear()
             for lru in self._lrus.values():
@@ -508,7 +510,7 @@ class MemoryPromptCache:
             node = node.parent
 
     def _detach(self, entry: _Entry, prune: bool = True) -> None:
-        """Removes ``entry`` from the LRU, the byte counts and the trie."""
+        """Remove ``entry`` from the LRU, the byte counts and the trie."""
         del self._lrus[entry.cache_type][entry]
         self._nbytes -= entry.nbytes
         self._bytes_by_type[entry.cache_type] -= entry.nbytes
@@ -520,7 +522,7 @@ class MemoryPromptCache:
             self._prune(node, entry.key)
 
     def _prune(self, node: _Node, key: Hashable) -> None:
-        """Deletes entry-less leaves and merges entry-less one-child nodes."""
+        """Delete entry-less leaves and merge entry-less one-child nodes."""
         while node.parent is not None and node.entry is None:
             parent = node.parent
             if not node.children:
@@ -560,7 +562,7 @@ class MemoryPromptCache:
         return evicted
 
     def _deliver(self, evicted: list) -> None:
-        """Calls ``on_evict`` outside the lock, never re-entrantly per thread."""
+        """Call ``on_evict`` outside the lock, never re-entrantly per thread."""
         if not evicted or self.on_evict is None:
             return
         pending = getattr(self._local, "pending", None)

@@ -43,7 +43,7 @@ class PendingHit:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of KV a restore copies (the snapshot's bytes, pro rata)."""
+        """Return the bytes of KV a restore copies (the snapshot's bytes, pro rata)."""
         return self.job.nbytes * self.n_tokens // max(1, len(self.job.tokens))
 
 

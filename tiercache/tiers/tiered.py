@@ -116,7 +116,7 @@ class FetchResult:
 
 
 def _offset_mismatch(prompt_cache: list, n: int):
-    """``(layer, offset)`` of the first layer whose integer ``offset`` isn't ``n``, or None."""
+    """Return ``(layer, offset)`` of the first layer whose integer ``offset`` isn't ``n``, or None."""
     for i, layer in enumerate(prompt_cache):
         off = getattr(layer, "offset", None)
         if type(off) is int and off != n:
@@ -239,8 +239,22 @@ class TieredPromptCache:
         draft_model_path=None,
         draft_model: Any = None,
     ) -> Namespace | None:
-        """Binds a cache key to the namespace of a loaded model (probes its cache
-        layout). An adapter and a draft model are part of the namespace."""
+        """Bind a cache key to the namespace of a loaded model (probe its cache layout).
+
+        An adapter and a draft model are part of the namespace. With ``prewarm_bytes``,
+        the first registration starts prewarming.
+
+        Args:
+            key: the cache key snapshots are inserted under.
+            model_path: the local model folder.
+            model: the loaded model, probed for its cache layout and geometry.
+            adapter_path: an adapter applied to the model.
+            draft_model_path: a draft model whose cache layers follow the model's.
+            draft_model: the loaded draft model.
+
+        Returns:
+            The namespace, or None for a memory-only cache.
+        """
         if self.disk is None:
             return None
         ns = model_namespace(
@@ -297,7 +311,7 @@ class TieredPromptCache:
         return self._files_fp[key]
 
     def _namespaces(self, key: Hashable) -> list[Namespace]:
-        """Candidate namespaces for a lookup under ``key``."""
+        """Return the candidate namespaces for a lookup under ``key``."""
         if self.disk is None:
             return []
         with self._ns_lock:
@@ -342,6 +356,11 @@ class TieredPromptCache:
         """Return the best cached prefix of ``tokens``, as mlx-lm's ``LRUPromptCache`` does.
 
         A thin adapter over :meth:`fetch` for code written against mlx-lm.
+
+        Args:
+            model: the cache key the snapshots were inserted under.
+            tokens: the query.
+            salt: isolation salt; only snapshots inserted with the same salt match.
 
         Returns:
             ``(cache or None, remaining tokens)``; see :class:`FetchResult`.
@@ -430,9 +449,12 @@ class TieredPromptCache:
     # --- remote tier hooks ----------------------------------------------------------------
 
     def _remote_lookup(self, model, tokens, salt, limit, local_best, plans):
-        """A remote hit beating the local tiers by a block (less isn't worth the
-        network), restored, as ``(namespace, cache, hit, seconds)``; None otherwise
-        (never raises)."""
+        """Look up and restore a remote hit that beats the local tiers by a block
+        (less isn't worth the network); never raise.
+
+        Returns:
+            ``(namespace, cache, hit, seconds)``, or None.
+        """
         if self.remote is None or self._closed:
             return None
         floor = local_best + (self.remote.block_size if local_best else 1)
@@ -458,7 +480,7 @@ class TieredPromptCache:
         return None
 
     def _serve_remote(self, model, salt, tokens, hit, remote) -> FetchResult:
-        """Hands a remote hit to the caller; its records go to local disk via the writer."""
+        """Hand a remote hit to the caller; its records go to local disk via the writer."""
         ns, cache, found, dt = remote
         n = found.n_tokens
         if hit is not None and hit.prompt_cache is not None:
@@ -480,7 +502,7 @@ class TieredPromptCache:
         self.cost_model.observe_prefill(tokens, seconds)
 
     def _restore(self, plans, tokens, salt, limit):
-        """Restores the longest plan; a bad file makes the store fall back itself."""
+        """Restore the longest plan; a bad file makes the store fall back itself."""
         for plan in sorted(plans, key=lambda p: -p.n_tokens):
             cache, n = self.disk.fetch(plan.namespace, tokens, salt=salt, limit=limit, plan=plan)
             if cache is not None:
@@ -488,7 +510,7 @@ class TieredPromptCache:
         return None, 0
 
     def _give_back(self, model, salt, tokens, hit) -> None:
-        """Re-inserts a handed-over memory entry the caller won't use."""
+        """Re-insert a handed-over memory entry the caller won't use."""
         # A cloned hit's entry is still stored: re-inserting the (trimmed) clone
         # would only add a redundant entry and evict a useful one for it.
         if hit.n_tokens and hit.handed_over:
@@ -503,10 +525,18 @@ class TieredPromptCache:
         cache_type: str = "assistant",
         salt: str | bytes | None = None,
     ) -> None:
-        """Stores a snapshot in memory and (write-through) queues it for disk.
+        """Store a snapshot in memory and (write-through) queue it for disk.
 
         The arrays are evaluated here, on the caller's thread; the writer only
-        reads evaluated buffers. Costs the caller no disk I/O.
+        reads evaluated buffers. Costs the caller no disk I/O. A snapshot whose
+        layers don't hold ``len(tokens)`` tokens is refused (logged and counted).
+
+        Args:
+            model: the cache key.
+            tokens: the tokens the cache holds.
+            prompt_cache: mlx-lm cache objects, one per layer.
+            cache_type: ``"assistant"``, ``"user"`` or ``"system"`` (eviction priority).
+            salt: isolation salt, mixed into the disk chain.
         """
         tokens = tokens if type(tokens) is tuple else tuple(tokens)
         if not tokens or not prompt_cache:
@@ -558,32 +588,40 @@ class TieredPromptCache:
             self._submit(model, salt, tokens, prompt_cache)
 
     def trim_to(self, *, n_sequences: int | None = None, n_bytes: int | None = None) -> None:
-        """Shrinks the memory tier (evicted snapshots stay on, or go to, disk)."""
+        """Shrink the memory tier (evicted snapshots stay on, or go to, disk).
+
+        Args:
+            n_sequences: keep at most this many sequences (None: no limit).
+            n_bytes: keep at most this many bytes (None: no limit).
+        """
         self.memory.trim_to(n_sequences=n_sequences, n_bytes=n_bytes)
 
     @property
     def nbytes(self) -> int:
-        """Bytes held in memory."""
+        """Return the bytes held in memory."""
         return self.memory.nbytes
 
     @property
     def max_bytes(self) -> int:
+        """Return the memory tier's byte budget."""
         return self.memory.max_bytes
 
     @property
     def max_size(self) -> int:
+        """Return the memory tier's limit on stored sequences."""
         return self.memory.max_size
 
     def __len__(self) -> int:
         return len(self.memory)
 
     def stats_by_type(self) -> dict:
+        """Return the memory tier's sequences and bytes by cache type."""
         return self.memory.stats_by_type()
 
     # --- the rest -----------------------------------------------------------------------
 
     def stats(self) -> dict:
-        """Per-tier counters: entries, bytes, hits and hit tokens, promotions,
+        """Return per-tier counters: entries, bytes, hits and hit tokens, promotions,
         demotions, evictions, writer queue bytes and dropped writes; with a remote
         tier, its hits, misses, rejections, errors, bytes, latency and breaker."""
         m = self.memory.counters
@@ -635,7 +673,7 @@ class TieredPromptCache:
         return out
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Waits for pending disk writes (tests, benchmarks, shutdown)."""
+        """Wait for pending disk writes (tests, benchmarks, shutdown)."""
         if self.writer is None:
             return True
         ok = self.writer.flush(timeout)
@@ -645,7 +683,7 @@ class TieredPromptCache:
         return ok
 
     def clear(self, tier: str | None = None) -> None:
-        """Empties the memory tier, the disk tier, or both (``tier=None``)."""
+        """Empty the memory tier, the disk tier, or both (``tier=None``)."""
         if tier not in (None, "memory", "disk"):
             raise ValueError("tier must be 'memory', 'disk' or None")
         if tier in (None, "memory"):
@@ -655,7 +693,7 @@ class TieredPromptCache:
             self.disk.clear()
 
     def close(self, flush_timeout: float = 10.0) -> bool:
-        """Drains the writer (bounded) and closes the store. Returns False if writes
+        """Drain the writer (bounded) and close the store; return False if writes
         were dropped because the timeout passed."""
         if self._closed:
             return True
@@ -682,7 +720,7 @@ class TieredPromptCache:
         self.close()
 
     def _prewarm(self, key: Hashable, ns: Namespace, budget: int) -> None:
-        """Restores the most recently used snapshots of ``ns`` into memory.
+        """Restore the most recently used snapshots of ``ns`` into memory.
 
         Runs MLX on this thread, which MLX supports since 0.31.2 as long as arrays
         are evaluated before another thread uses them: every restored array is

@@ -70,7 +70,7 @@ class BackgroundWriter:
         self._thread.start()
 
     def submit(self, job: WriteJob) -> bool:
-        """Queues a job; never blocks. Returns False if the job itself was dropped."""
+        """Queue a job; never block. Return False if the job itself was dropped."""
         with self._cond:
             if self._stop:
                 return False
@@ -86,7 +86,7 @@ class BackgroundWriter:
             return True
 
     def _drop_oldest(self) -> None:
-        """Drops the oldest pending job (lock held), releasing its bytes."""
+        """Drop the oldest pending job (lock held), releasing its bytes."""
         job = self._queue.popleft()
         self.queue_bytes -= job.nbytes
         self._count_drop(job)
@@ -141,7 +141,7 @@ class BackgroundWriter:
             log.debug("writer idle task failed: %s", e)
 
     def pending_jobs(self) -> list[WriteJob]:
-        """The jobs not yet committed, newest first (the one being saved included)."""
+        """Return the jobs not yet committed, newest first (the one being saved included)."""
         with self._cond:
             jobs = list(self._queue)
             if self._current is not None:
@@ -150,16 +150,17 @@ class BackgroundWriter:
         return jobs
 
     def pending_bytes(self) -> int:
-        """Bytes of the snapshots not yet committed (queued and being saved)."""
+        """Return the bytes of the snapshots not yet committed (queued and being saved)."""
         with self._cond:
             return self.queue_bytes + (self._current.nbytes if self._current is not None else 0)
 
     def pending(self) -> int:
+        """Return how many jobs are queued or being saved."""
         with self._cond:
             return len(self._queue) + (1 if self._busy else 0)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Waits until every queued job is written. Returns False on timeout."""
+        """Wait until every queued job is written; return False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while self._queue or self._busy:
@@ -170,7 +171,7 @@ class BackgroundWriter:
         return True
 
     def close(self, timeout: float | None = 10.0) -> bool:
-        """Drains within ``timeout``, then stops; what is left is dropped and counted."""
+        """Drain within ``timeout``, then stop; what is left is dropped and counted."""
         done = self.flush(timeout)
         with self._cond:
             self._stop = True
@@ -181,5 +182,5 @@ class BackgroundWriter:
         return done and not self._thread.is_alive()
 
     def is_alive(self) -> bool:
-        """True while the writer thread runs (after close: still inside a save)."""
+        """Return True while the writer thread runs (after close: still inside a save)."""
         return self._thread.is_alive()
