@@ -140,7 +140,7 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
     metrics = Metrics(lambda: holder["engine"].cache_stats())
     engine = Engine(cfg, metrics)
     holder["engine"] = engine
-    worker = Worker(engine, cfg.max_queue, on_load_failed)
+    worker = Worker(engine, cfg.max_queue, on_load_failed, cfg.max_batch_size)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -372,13 +372,15 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
             "model_path": engine.model_path,
             "context_length": engine.context_length,
             "queue": {"waiting": worker.queue_depth, "running": worker.busy,
-                      "max": cfg.max_queue},
+                      "max": cfg.max_queue, "batch_size": worker.running,
+                      "max_batch_size": cfg.max_batch_size},
             "cache": {"disk_dir": cfg.disk_dir, **_summary(stats)},
         }
 
     @app.get("/metrics", dependencies=[Depends(require_key)])
     async def prometheus():
         metrics.queue_depth.set(worker.queue_depth)
+        metrics.running.set(worker.running)
         data = await run_in_threadpool(metrics.render)
         return Response(data, media_type=CONTENT_TYPE)
 

@@ -133,6 +133,8 @@ class ServerConfig:
         api_key: Bearer key required on every route but ``/health`` when set.
         log_level: Python logging level name.
         max_queue: Requests allowed to wait for the worker before 429s.
+        max_batch_size: Requests generated together in one continuous batch
+            (1 = one at a time).
         flush_timeout: Seconds to wait for the disk writer at shutdown.
         writer_queue_bytes: Bound on snapshots waiting for the disk writer;
             beyond it the oldest pending writes are dropped (and counted).
@@ -153,6 +155,7 @@ class ServerConfig:
     api_key: str | None = None
     log_level: str = "INFO"
     max_queue: int = 64
+    max_batch_size: int = 32
     flush_timeout: float = 10.0
     writer_queue_bytes: int = 2 << 30
 
@@ -179,6 +182,8 @@ _FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--log-level", _choice(LOG_LEVELS, upper=True), "Logging level"),
     ("--max-queue", _positive_int, ("Requests that may wait for the worker before "
                                     "new ones get 429")),
+    ("--max-batch-size", _positive_int, ("Requests generated together in one continuous "
+                                         "batch; more wait in the queue (1 = one at a time)")),
     ("--flush-timeout", _positive_float, "Seconds to wait for the disk writer at shutdown"),
     ("--writer-queue-bytes", parse_size, ("Bound on snapshots waiting for the disk writer; "
                                           "beyond it the oldest pending writes are dropped "

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ServerConfig
+from .output import Fetched, RequestOutput
 
 logger = logging.getLogger("tiercache.server")
 
@@ -68,36 +69,6 @@ class GenParams:
     arrived: float = field(default_factory=time.perf_counter)
     request_id: str = ""
     user_start: int = 0
-
-
-class _StopText:
-    """Holds back text that might be the start of a stop string."""
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = list(stops)
-        self.keep = max((len(s) for s in self.stops), default=1) - 1
-        self.text = ""
-        self.sent = 0
-
-    def feed(self, piece: str) -> tuple[str, bool]:
-        """Add generated text; return (text safe to send, stop hit)."""
-        self.text += piece
-        if self.stops:
-            hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
-            if hits:
-                end = min(hits)
-                out, self.sent = self.text[self.sent:end], end
-                return out, True
-        end = len(self.text) - self.keep
-        if end > self.sent:
-            out, self.sent = self.text[self.sent:end], end
-            return out, False
-        return "", False
-
-    def flush(self) -> str:
-        """Return whatever is still held back."""
-        out, self.sent = self.text[self.sent:], len(self.text)
-        return out
 
 
 def _cache_offset(prompt_cache: list) -> int | None:
@@ -304,27 +275,17 @@ class Engine:
         return max(1, limit)
 
     # ------------------------------------------------------------ generate
-    def generate(self, p: GenParams, emit: Callable[[tuple], None], cancelled: Callable[[], bool]):
-        """Serve one request on the worker thread.
+    def fetch(self, p: GenParams) -> Fetched:
+        """Find the longest cached prefix of a request's prompt. Worker thread.
 
-        Emits ``("start", info)``, then ``("text", piece)`` events, then
-        ``("done", finish_reason, usage)``. Whatever was computed (also
-        after a cancel) is inserted into the cache.
+        A broken cache never fails the request: it then runs cold.
 
         Args:
-            p: What to generate.
-            emit: Thread-safe callback for events.
-            cancelled: Returns True once the client has gone away.
-        """
-        import mlx.core as mx
-        from mlx_lm import stream_generate
-        from mlx_lm.models.cache import (
-            can_trim_prompt_cache,
-            make_prompt_cache,
-            trim_prompt_cache,
-        )
-        from mlx_lm.sample_utils import make_sampler
+            p: The request.
 
+        Returns:
+            The :class:`server.output.Fetched` prompt cache (``None`` on a miss).
+        """
         tokens = list(p.tokens)
         t_start = time.perf_counter()
         try:
@@ -334,28 +295,39 @@ class Engine:
         except Exception:  # a broken cache must not fail the request: run cold
             logger.exception("prefix lookup failed; computing the prompt from scratch")
             prompt_cache, rest, info = None, tokens, None
-        restore_s = time.perf_counter() - t_start
+        seconds = time.perf_counter() - t_start
+        if prompt_cache is None:
+            return Fetched(None, tokens, 0, 0, 0, seconds)
         rest = list(rest)
-        cached = len(tokens) - len(rest) if prompt_cache is not None else 0
+        cached = len(tokens) - len(rest)
         disk = int(getattr(info, "disk_tokens", 0) or 0) if info is not None else 0
         disk = min(disk, cached)
-        memory = cached - disk
+        return Fetched(prompt_cache, rest, cached, cached - disk, disk, seconds)
+
+    def generate(self, p: GenParams, emit: Callable[[tuple], None], cancelled: Callable[[], bool]):
+        """Serve one request on the worker thread (the sequential path).
+
+        Emits ``("start", info)``, then ``("text", piece)`` events, then
+        ``("done", finish_reason, usage)`` (see :class:`server.output.RequestOutput`).
+        Whatever was computed (also after a cancel) is inserted into the cache.
+
+        Args:
+            p: What to generate.
+            emit: Thread-safe callback for events.
+            cancelled: Returns True once the client has gone away.
+        """
+        import mlx.core as mx
+        from mlx_lm import stream_generate
+        from mlx_lm.models.cache import make_prompt_cache
+        from mlx_lm.sample_utils import make_sampler
+
+        tokens = list(p.tokens)
+        output = RequestOutput(p, self.tokenizer, emit, self.metrics)
+        fetched = self.fetch(p)
+        output.start(fetched)
+        prompt_cache, rest = fetched.prompt_cache, fetched.rest
         if prompt_cache is None:
             prompt_cache = make_prompt_cache(self.model)
-            rest = tokens
-        if self.metrics is not None:
-            self.metrics.observe_fetch(len(tokens), memory, disk, restore_s)
-        usage = {
-            "prompt_tokens": len(tokens),
-            "completion_tokens": 0,
-            "total_tokens": len(tokens),
-            "prompt_tokens_details": {
-                "cached_tokens": cached,
-                "memory_tokens": memory,
-                "disk_tokens": disk,
-            },
-        }
-        emit(("start", usage))
 
         if p.seed is not None:
             mx.random.seed(p.seed)
@@ -366,14 +338,9 @@ class Engine:
                 raise Cancelled()
 
         if not self.trimmable and len(rest) > 1:
-            rest = self._checkpointed_prefill(p, tokens, rest, cached, prompt_cache)
+            rest = self._checkpointed_prefill(p, tokens, rest, fetched.cached, prompt_cache)
 
-        generated: list[int] = []
-        stopper = _StopText(p.stops)
-        finish = "length"
-        stop_hit = False
-        t_first: float | None = None
-        prefill_done: float | None = None
+        reason = None
         stream = stream_generate(
             self.model,
             self.tokenizer,
@@ -386,63 +353,19 @@ class Engine:
         )
         try:
             for gen in stream:
-                if t_first is None:
-                    t_first = time.perf_counter()
-                    prefill_done = t_first
-                generated.append(int(gen.token))
-                out, hit = stopper.feed(gen.text)
-                if out:
-                    emit(("text", out))
-                if hit:
-                    finish, stop_hit = "stop", True
-                    break
-                if gen.finish_reason is not None:
-                    finish = gen.finish_reason
+                if output.feed(gen.token) or gen.finish_reason is not None:
                     break
                 if cancelled():
-                    finish = "cancelled"
+                    reason = "cancelled"
                     break
         except Cancelled:
-            finish = "cancelled"
+            reason = "cancelled"
         finally:
             stream.close()
-        if not stop_hit and finish != "cancelled":
-            tail = stopper.flush()
-            if tail:
-                emit(("text", tail))
-        t_end = time.perf_counter()
-
-        usage["completion_tokens"] = len(generated)
-        usage["total_tokens"] = len(tokens) + len(generated)
-        emit(("done", finish, usage))
+        output.finish(reason)
         # The worker serves the next request only after this insert, so a
         # follow-up request always sees it.
-        self._insert(tokens + generated, prompt_cache, p.salt, can_trim_prompt_cache,
-                     trim_prompt_cache)
-
-        prefill_s = (prefill_done or t_end) - t_start
-        ttft = (t_first - p.arrived) if t_first is not None else None
-        decode_s = t_end - (t_first or t_end)
-        decode_tps = (len(generated) - 1) / decode_s if decode_s > 0 and len(generated) > 1 else 0.0
-        if self.metrics is not None:
-            if ttft is not None:
-                self.metrics.ttft.observe(ttft)
-            self.metrics.prefill.observe(prefill_s)
-            self.metrics.generated_tokens.inc(len(generated))
-        logger.info(
-            "request %s: prompt=%d cached=%d (memory=%d disk=%d) prefill=%.3fs ttft=%s "
-            "decode=%.1f tok/s completion=%d finish=%s",
-            p.request_id,
-            len(tokens),
-            cached,
-            memory,
-            disk,
-            prefill_s,
-            f"{ttft:.3f}s" if ttft is not None else "-",
-            decode_tps,
-            len(generated),
-            finish,
-        )
+        self.insert_computed(tokens + output.generated, prompt_cache, p.salt)
 
     def _checkpointed_prefill(self, p: GenParams, tokens: list[int], rest: list[int],
                               cached: int, prompt_cache: list) -> list[int]:
@@ -480,9 +403,18 @@ class Engine:
                 logger.exception("checkpoint insert failed")
         return rest[-1:]
 
-    def _insert(self, key: list[int], prompt_cache: list, salt, can_trim, trim) -> None:
-        """Insert the post-generation cache state under exactly its tokens."""
+    def insert_computed(self, key: list[int], prompt_cache: list, salt) -> None:
+        """Insert a request's cache under exactly the tokens it holds.
+
+        Args:
+            key: The tokens fed so far (prompt + generated); trimmed to the
+                cache's offset when the cache holds fewer.
+            prompt_cache: The request's cache after generation.
+            salt: The request's cache isolation salt.
+        """
         import mlx.core as mx
+        from mlx_lm.models.cache import can_trim_prompt_cache as can_trim
+        from mlx_lm.models.cache import trim_prompt_cache as trim
 
         offset = _cache_offset(prompt_cache)
         if offset is not None:
