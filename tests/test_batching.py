@@ -187,6 +187,22 @@ def test_cancel_mid_batch_leaves_others_alone_and_inserts_its_cache(server):
     assert _cached(follow) == len(px) - 1
 
 
+def test_seeded_sampling_runs_alone_and_reproduces(server):
+    """A seeded random request waits for the batch to drain, then runs alone."""
+    seeded = {"prompt": P2, "max_tokens": 30, "temperature": 1.0, "seed": 7}
+    texts = []
+    for _ in range(2):
+        out: list = []
+        t = threading.Thread(target=lambda: out.extend(
+            _concurrently(server, [(P1, 60, "seeded-side"), (P3, 60, "seeded-side")])))
+        t.start()
+        r = httpx.post(server.base_url + "/v1/completions", json=seeded, timeout=300)
+        t.join()
+        assert r.status_code == 200 and len(out) == 2
+        texts.append(r.json()["choices"][0]["text"])
+    assert texts[0] == texts[1]
+
+
 def test_queue_beyond_batch_then_429(tiny_llama_path, tmp_path):
     srv = start_server(["--model", str(tiny_llama_path), "--max-batch-size", "2",
                         "--max-queue", "1"], tmp_path / "queue.log")
