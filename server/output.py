@@ -5,7 +5,8 @@ scheduler (:mod:`server.batching`) both hand every generated token to one
 :class:`RequestOutput`: it detokenizes, applies stop strings, emits the
 request's events, decides the finish reason and, at the end, reports usage,
 metrics and the request's log line. Anything that post-processes generated
-text (an output parser, say) therefore plugs into :meth:`RequestOutput._text`.
+text (an output parser, say) replaces :class:`PlainText`, the step that turns
+detokenized text into events, in :class:`RequestOutput`.
 """
 
 from __future__ import annotations
@@ -49,6 +50,44 @@ class _StopText:
         return out
 
 
+class PlainText:
+    """Generated text -> ``("text", piece)`` events, cut at the first stop string.
+
+    The text-to-events step of :class:`RequestOutput`; an output parser
+    (reasoning, tool calls) replaces it with an object of the same interface.
+
+    Args:
+        params: The request (its ``stops``).
+        tokenizer: The model's mlx-lm ``TokenizerWrapper`` (unused here).
+        prompt: The prompt token ids (unused here).
+        emit: Receives the events.
+    """
+
+    def __init__(self, params: Any, tokenizer: Any, prompt: list[int],
+                 emit: Callable[[tuple], None]):
+        self.emit = emit
+        self.stopper = _StopText(params.stops)
+        self.tool_calls = 0
+        self.done = False
+
+    def feed(self, piece: str) -> bool:
+        """Handle a generated piece; return True when generation must stop."""
+        text, hit = self.stopper.feed(piece)
+        if text:
+            self.emit(("text", text))
+        if hit:
+            self.done = True
+        return hit
+
+    def finish(self) -> None:
+        """Emit whatever is still held back (not after a stop string)."""
+        if self.done:
+            return
+        tail = self.stopper.flush()
+        if tail:
+            self.emit(("text", tail))
+
+
 @dataclass
 class Fetched:
     """A request's prompt cache as found in the tiered cache.
@@ -90,14 +129,13 @@ class RequestOutput:
         self.metrics = metrics
         self.eos = set(tokenizer.eos_token_ids)
         self.detokenizer = tokenizer.detokenizer
-        self.stopper = _StopText(params.stops)
+        self.events = PlainText(params, tokenizer, params.tokens, emit)
         self.generated: list[int] = []
         self.finish_reason: str | None = None
         self.fetched: Fetched | None = None
         self.usage: dict = {}
         self.t_start = time.perf_counter()
         self.t_first: float | None = None
-        self._stop_hit = False
         self._finished = False
 
     @property
@@ -140,11 +178,8 @@ class RequestOutput:
             self.finish_reason = "stop"
             return True
         self.detokenizer.add_token(token)
-        out, hit = self.stopper.feed(self.detokenizer.last_segment)
-        if out:
-            self._text(out)
-        if hit:
-            self.finish_reason, self._stop_hit = "stop", True
+        if self.events.feed(self.detokenizer.last_segment):
+            self.finish_reason = "stop"
             return True
         if len(self.generated) >= self.params.max_tokens:
             self.finish_reason = "length"
@@ -165,21 +200,19 @@ class RequestOutput:
             self.finish_reason = reason
         elif self.finish_reason is None:
             self.finish_reason = "length"
-        if not self._stop_hit and self.finish_reason != "cancelled":
+        if not self.events.done and self.finish_reason != "cancelled":
             self.detokenizer.finalize()
-            out, hit = self.stopper.feed(self.detokenizer.last_segment)
-            tail = out if hit else out + self.stopper.flush()
-            if tail:
-                self._text(tail)
+            if self.events.feed(self.detokenizer.last_segment):
+                self.finish_reason = "stop"
+            else:
+                self.events.finish()
+        if self.events.tool_calls and self.finish_reason != "cancelled":
+            self.finish_reason = "tool_calls"
         n_prompt = len(self.params.tokens)
         self.usage["completion_tokens"] = len(self.generated)
         self.usage["total_tokens"] = n_prompt + len(self.generated)
         self.emit(("done", self.finish_reason, self.usage))
         self._record(time.perf_counter())
-
-    def _text(self, piece: str) -> None:
-        """Emit a piece of generated text (where an output parser plugs in)."""
-        self.emit(("text", piece))
 
     def _record(self, t_end: float) -> None:
         """Observe the request's metrics and write its log line."""

@@ -37,6 +37,41 @@ def test_demo_model_batched_greedy_tokens_equal_alone(demo_model_path):
     assert max(r["max_logprob_diff"] for r in rows) < MAX_LOGPROB_DIFF, rows
 
 
+def test_request_output_stop_strings_eos_and_length(demo_model_path):
+    """The one per-request output object both generation paths feed."""
+    from mlx_lm.utils import load_tokenizer
+
+    from tiercache.server.engine import GenParams
+    from tiercache.server.output import Fetched, RequestOutput
+
+    tok = load_tokenizer(demo_model_path)
+    ids = tok.encode("hello world, the end of the story", add_special_tokens=False)
+    eos = next(iter(tok.eos_token_ids))
+
+    def run(stops, max_tokens, tokens):
+        events = []
+        out = RequestOutput(GenParams(tokens=[5, 6, 7], max_tokens=max_tokens, stops=stops),
+                            tok, events.append)
+        out.start(Fetched(None, [5, 6, 7], 0, 0, 0, 0.0))
+        done = False
+        for t in tokens:
+            if out.feed(t):
+                done = True
+                break
+        out.finish()
+        text = "".join(e[1] for e in events if e[0] == "text")
+        return events, text, out, done
+
+    events, text, out, done = run([], 100, ids + [eos])
+    assert done and text == tok.decode(ids) and out.finish_reason == "stop"
+    assert events[0][0] == "start" and events[-1][:2] == ("done", "stop")
+    assert events[-1][2]["completion_tokens"] == len(ids) + 1
+    _, text, out, done = run(["end"], 100, ids)
+    assert done and out.finish_reason == "stop" and text == tok.decode(ids).split("end")[0]
+    _, text, out, done = run([], 3, ids)
+    assert done and out.finish_reason == "length" and text == tok.decode(ids[:3])
+
+
 # ---------------------------------------------------------------- over HTTP
 P1 = [(i * 13) % 400 + 5 for i in range(5)]
 P2 = [(i * 29) % 400 + 7 for i in range(41)]
