@@ -15,7 +15,11 @@ Models whose cache layers mlx-lm cannot batch, and models with non-trimmable
 layers (their prompts are prefilled with checkpoints at exact chunk
 boundaries, see ``tiercache.tiers.checkpoints``), keep the sequential path.
 So does a job that must run alone (a seeded sampler: the random state is
-shared by the batch); the batch drains first.
+shared by the batch; logits processors, for penalties and ``logit_bias``,
+when the installed mlx-lm cannot give each batch row its own); the batch
+drains first. Both paths build samplers and processors with
+:func:`server.engine.make_token_sampler` and
+:func:`server.engine.make_token_processors`.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ from .output import RequestOutput
 
 if TYPE_CHECKING:
     from .engine import Engine, GenParams
-    from .worker import Job, Worker
 
 logger = logging.getLogger("tiercache.server")
 
@@ -76,16 +79,33 @@ def make_scheduler(engine: Engine, max_batch_size: int) -> BatchScheduler | None
     return BatchScheduler(engine, max_batch_size)
 
 
+def per_row_processors() -> bool:
+    """Whether mlx-lm's ``BatchGenerator`` takes logits processors per request."""
+    import inspect
+
+    from mlx_lm.generate import BatchGenerator
+
+    return "logits_processors" in inspect.signature(BatchGenerator.insert).parameters
+
+
 def runs_alone(p: GenParams) -> bool:
-    """Whether a request must not share a batch (a seeded random sampler)."""
-    return p.seed is not None and p.temperature > 0
+    """Whether a request must not share a batch.
+
+    A seeded random sampler needs the random state to itself; logits
+    processors need per-request support in mlx-lm's ``BatchGenerator``.
+    """
+    from .engine import make_token_processors
+
+    if p.seed is not None and p.temperature > 0:
+        return True
+    return bool(make_token_processors(p)) and not per_row_processors()
 
 
 @dataclass
 class _Running:
     """A job in the batch: its generator uid and its output."""
 
-    job: Job
+    job: Any  # a server.worker.Job (not imported: the worker imports this module)
     uid: int
     output: RequestOutput
 
@@ -104,14 +124,14 @@ class BatchScheduler:
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.running: dict[int, _Running] = {}
-        self.alone: Job | None = None
-        self.worker: Worker | None = None
+        self.alone: Any = None  # a server.worker.Job that must run alone
+        self.worker: Any = None  # the server.worker.Worker being served
         self.generator: Any = None
         # The generator finishes a row on an end-of-sequence token by itself.
         self._eos = make_stop_sequences(engine.tokenizer)
 
     # ------------------------------------------------------------ the loop
-    def run(self, worker: Worker) -> None:
+    def run(self, worker: Any) -> None:
         """Serve jobs from ``worker`` until it stops and the batch is empty."""
         self.worker = worker
         self.generator = self._new_generator()
@@ -162,32 +182,34 @@ class BatchScheduler:
             else:
                 self._join(payload)
 
-    def _join(self, job: Job) -> None:
+    def _join(self, job: Any) -> None:
         """Fetch a job's prompt cache and insert the job into the generator."""
         from mlx_lm.models.cache import make_prompt_cache
-        from mlx_lm.sample_utils import make_sampler
 
-        from .worker import NotAccepting
-
+        from .engine import make_token_processors, make_token_sampler
         if job.cancelled:
-            job.emit(("error", NotAccepting("request cancelled")))
-            self.worker.finished(job)
+            self.worker.serve_alone(job)  # answers the cancelled job and releases it
             return
         engine, p = self.engine, job.params
         try:
-            output = RequestOutput(p, engine.tokenizer, job.emit, engine.metrics)
+            output = engine.new_output(p, job.emit)
             fetched = engine.fetch(p)
             output.start(fetched)
             cache = fetched.prompt_cache
             if cache is None:
                 cache = make_prompt_cache(engine.model)
+            extra = {}
+            processors = make_token_processors(p)
+            if processors:  # runs_alone() sent it down the sequential path otherwise
+                extra["logits_processors"] = [processors]
             (uid,) = self.generator.insert(
                 [fetched.rest],
                 max_tokens=[p.max_tokens],
                 caches=[cache],
                 all_tokens=[list(p.tokens[:fetched.cached])],
-                samplers=[make_sampler(p.temperature, top_p=p.top_p)],
+                samplers=[make_token_sampler(p)],
                 stop_sequences=[self._eos],
+                **extra,
             )
         except Exception as exc:
             logger.exception("could not start %s", job.id)

@@ -20,6 +20,12 @@ from .output import Fetched, RequestOutput
 logger = logging.getLogger("tiercache.server")
 
 DEMO_MODEL_ID = "tiercache-demo"
+DEMO_MODEL_NOTE = (
+    "the built-in demo model has random weights, so its replies are meaningless "
+    "text: it is there to show the cache working without a download "
+    "(pass --model for a real model)"
+)
+_MAX_NAMES_LOGGED = 32
 
 
 class RequestError(ValueError):
@@ -53,10 +59,24 @@ class GenParams:
         seed: Optional random seed.
         stops: Stop strings (not included in the output).
         salt: Cache isolation salt.
-        user_start: Token position where the last user message starts
-            (chat requests on models with non-trimmable cache layers).
+        user_start: Token position where the last user or tool-result
+            message starts (chat requests on models with non-trimmable
+            cache layers).
         arrived: ``time.perf_counter()`` when the request arrived.
         request_id: For the log line.
+        api: Which client API the request came through (dashboard).
+        top_k: Sample among the ``top_k`` most likely tokens (0 = all).
+        min_p: Minimum probability relative to the top token (0 = off).
+        presence_penalty: Additive penalty on tokens already generated.
+        frequency_penalty: Additive penalty proportional to a token's count.
+        repetition_penalty: Multiplicative penalty on repeated tokens.
+        logit_bias: Token id -> additive logit bias.
+        chat: Parse the output into content, reasoning and tool calls
+            (:class:`tiercache.chat.OutputParser`); False for plain completions.
+        tools: The tools the prompt was rendered with (tool calls are only
+            parsed when there are some).
+        reasoning: Route the model's thinking to ``("reasoning", text)`` events.
+        parallel_tool_calls: When False, generation ends after the first tool call.
     """
 
     tokens: list[int]
@@ -69,6 +89,36 @@ class GenParams:
     arrived: float = field(default_factory=time.perf_counter)
     request_id: str = ""
     user_start: int = 0
+    api: str = "openai.chat"
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[int, float] | None = None
+    chat: bool = False
+    tools: list | None = None
+    reasoning: bool = False
+    parallel_tool_calls: bool = True
+
+
+def make_token_sampler(p: GenParams):
+    """Return mlx-lm's sampler for the request's sampling parameters."""
+    from mlx_lm.sample_utils import make_sampler
+
+    return make_sampler(p.temperature, top_p=p.top_p, min_p=p.min_p, top_k=p.top_k)
+
+
+def make_token_processors(p: GenParams) -> list:
+    """Return mlx-lm's logits processors for the request's penalties and biases."""
+    from mlx_lm.sample_utils import make_logits_processors
+
+    return make_logits_processors(
+        logit_bias=p.logit_bias or None,
+        repetition_penalty=p.repetition_penalty,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+    )
 
 
 def _cache_offset(prompt_cache: list) -> int | None:
@@ -95,7 +145,10 @@ class Engine:
         self.tokenizer = None
         self.cache = None
         self.model_path: str | None = None
-        self.model_id = cfg.model or DEMO_MODEL_ID
+        names = list(cfg.served_model_name)
+        self.model_id = names[0] if names else (cfg.model or DEMO_MODEL_ID)
+        self.aliases: list[str] = names[1:]
+        self._names_logged: set[str] = set()
         self.model_key: str | None = None
         self.context_length: int | None = None
         self.vocab_size: int | None = None
@@ -136,6 +189,9 @@ class Engine:
             write_policy=cfg.write_policy,
             prewarm_bytes=cfg.prewarm_bytes,
             writer_queue_bytes=cfg.writer_queue_bytes,
+            remote_url=cfg.remote_url,
+            remote_ttl=cfg.remote_ttl,
+            remote_timeout_ms=cfg.remote_timeout_ms,
             # Every request re-inserts what it computed, so a disk hit needn't also
             # stay in memory (that copy would make the first decode step copy it all).
             keep_promoted=False,
@@ -155,12 +211,14 @@ class Engine:
             isinstance(c, RotatingKVCache) for c in probe
         )
         logger.info(
-            "loaded model %s in %.2fs (context %s, vocab %s; disk tier %s)",
+            "loaded model %s in %.2fs (context %s, vocab %s; disk tier %s; remote tier %s)%s",
             path,
             time.perf_counter() - t0,
             self.context_length,
             self.vocab_size,
             cfg.disk_dir or "off",
+            self.cache.remote.stats()["url"] if self.cache.remote is not None else "off",
+            f"; {DEMO_MODEL_NOTE}" if cfg.model is None else "",
         )
 
     def close(self, flush_timeout: float) -> None:
@@ -168,57 +226,73 @@ class Engine:
         if self.cache is not None:
             self.cache.close(flush_timeout=flush_timeout)
 
-    def matches_model(self, name: str | None) -> bool:
-        """Whether a request's ``model`` field names the served model."""
-        if name in (None, "", self.model_id, "default_model"):
+    def served_names(self) -> list[str]:
+        """Return the served model's id followed by its aliases."""
+        return [self.model_id, *self.aliases]
+
+    def knows_model(self, name: str | None) -> bool:
+        """Whether ``name`` is the served id, an alias, or the model's path or folder name."""
+        if name in (None, "", "default_model", self.cfg.model, *self.served_names()):
             return True
         return bool(self.model_path) and name in (self.model_path, Path(self.model_path).name)
 
-    # ------------------------------------------------------------ tokenize
-    def chat_request_tokens(self, messages: list[dict]) -> tuple[list[int], int]:
-        """Tokenize a chat and find where its last user message starts.
+    def matches_model(self, name: str | None) -> bool:
+        """Whether a request naming ``name`` is served.
 
-        The position is only computed for models with non-trimmable cache
-        layers, which need a checkpoint there (see ``tiercache.tiers.checkpoints``).
+        One model is loaded, so by default any name is served by it (clients
+        such as Claude Code send their own model names); the first request
+        with each unknown name is logged. With ``--strict-model-name`` only
+        :meth:`knows_model` names are.
+        """
+        if self.knows_model(name):
+            return True
+        if self.cfg.strict_model_name:
+            return False
+        if name not in self._names_logged and len(self._names_logged) < _MAX_NAMES_LOGGED:
+            self._names_logged.add(name)
+            logger.info("requests for model %r are served by %s (pass --strict-model-name "
+                        "to refuse names other than %s)", name, self.model_id,
+                        ", ".join(self.served_names()))
+        return True
+
+    # ------------------------------------------------------------ tokenize
+    def render(self, messages: list[dict], tools: list | None = None,
+               template_kwargs: dict | None = None):
+        """Render a chat with the model's template (:func:`tiercache.chat.render_chat`).
+
+        The last user / tool-result message start is only computed for models
+        with non-trimmable cache layers, which need a checkpoint there (see
+        ``tiercache.tiers.checkpoints``).
 
         Args:
-            messages: ``[{"role", "content"}]`` with string contents.
+            messages: Hugging Face chat-template message dicts.
+            tools: OpenAI function tools, or None.
+            template_kwargs: Extra template variables (``enable_thinking``...).
 
         Returns:
-            ``(prompt token ids, last user message start or 0)``.
-        """
-        tokens = self.chat_tokens(messages)
-        user_start = 0
-        if not self.trimmable and getattr(self.tokenizer, "has_chat_template", False):
-            try:
-                from tiercache.tiers.checkpoints import last_user_message_start
+            A :class:`tiercache.chat.RenderedPrompt`.
 
-                user_start = last_user_message_start(self.tokenizer, messages)
-            except Exception as exc:  # a missing checkpoint only costs speed
-                logger.debug("no user-start checkpoint: %s", exc)
-        return tokens, user_start
+        Raises:
+            RequestError: If the chat cannot be rendered.
+        """
+        from tiercache.chat import RenderError, render_chat
+
+        try:
+            return render_chat(self.tokenizer, messages, tools=tools,
+                               template_kwargs=template_kwargs,
+                               need_user_start=not self.trimmable)
+        except RenderError as exc:
+            raise RequestError(str(exc), "messages") from None
 
     def chat_tokens(self, messages: list[dict]) -> list[int]:
-        """Render chat messages with the model's template and tokenize.
+        """Render chat messages (no tools) and return the prompt token ids."""
+        return self.render(messages).tokens
 
-        Args:
-            messages: ``[{"role", "content"}]`` with string contents.
-
-        Returns:
-            Prompt token ids ending with the assistant generation prompt.
-        """
-        tok = self.tokenizer
-        if getattr(tok, "has_chat_template", False):
-            try:
-                out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            except Exception as exc:  # template errors are the request's fault
-                raise RequestError(f"chat template failed: {exc}", "messages") from None
-            if isinstance(out, dict) or hasattr(out, "keys"):
-                out = out["input_ids"]
-            return [int(t) for t in out]
-        lines = [f"{m['role']}: {m['content']}" for m in messages]
-        text = "\n".join(lines) + "\nassistant:"
-        return list(tok.encode(text))
+    def thinking_default(self, template_kwargs: dict | None) -> bool:
+        """Whether the model thinks for a request with these template variables."""
+        if not getattr(self.tokenizer, "has_thinking", False):
+            return False
+        return (template_kwargs or {}).get("enable_thinking", True) is not False
 
     def prompt_tokens(self, prompt: Any) -> list[int]:
         """Tokenize a completion prompt (string) or pass token ids through."""
@@ -284,32 +358,36 @@ class Engine:
             p: The request.
 
         Returns:
-            The :class:`server.output.Fetched` prompt cache (``None`` on a miss).
+            The :class:`server.output.Fetched` lookup (its ``prompt_cache`` is
+            ``None`` on a miss).
         """
+        from tiercache import FetchResult
+
         tokens = list(p.tokens)
         t_start = time.perf_counter()
         try:
-            prompt_cache, rest = self.cache.fetch_nearest_cache(
-                self.model_key, tokens, salt=p.salt)
-            info = getattr(self.cache, "last_fetch", None)
+            found = self.cache.fetch(self.model_key, tokens, salt=p.salt)
         except Exception:  # a broken cache must not fail the request: run cold
             logger.exception("prefix lookup failed; computing the prompt from scratch")
-            prompt_cache, rest, info = None, tokens, None
-        seconds = time.perf_counter() - t_start
-        if prompt_cache is None:
-            return Fetched(None, tokens, 0, 0, 0, seconds)
-        rest = list(rest)
-        cached = len(tokens) - len(rest)
-        disk = int(getattr(info, "disk_tokens", 0) or 0) if info is not None else 0
-        disk = min(disk, cached)
-        return Fetched(prompt_cache, rest, cached, cached - disk, disk, seconds)
+            found = FetchResult(None, tokens, len(tokens))
+        if found.prompt_cache is None:
+            found = FetchResult(None, tokens, len(tokens))
+        return Fetched(found, time.perf_counter() - t_start,
+                       disk_tier=getattr(self.cache, "disk", None) is not None,
+                       remote_tier=getattr(self.cache, "remote", None) is not None)
+
+    def new_output(self, p: GenParams, emit: Callable[[tuple], None]) -> RequestOutput:
+        """Return the :class:`server.output.RequestOutput` for a request (either path)."""
+        return RequestOutput(p, self.tokenizer, emit, self.metrics, self.cache)
 
     def generate(self, p: GenParams, emit: Callable[[tuple], None], cancelled: Callable[[], bool]):
         """Serve one request on the worker thread (the sequential path).
 
-        Emits ``("start", info)``, then ``("text", piece)`` events, then
-        ``("done", finish_reason, usage)`` (see :class:`server.output.RequestOutput`).
-        Whatever was computed (also after a cancel) is inserted into the cache.
+        Emits ``("start", usage)``, then ``("text", str)``, ``("reasoning", str)``
+        and ``("tool_call", ToolCallEvent)`` events, then
+        ``("done", finish_reason, usage, stop_sequence)`` (see
+        :class:`server.output.RequestOutput`). Whatever was computed (also
+        after a cancel) is inserted into the cache.
 
         Args:
             p: What to generate.
@@ -319,10 +397,9 @@ class Engine:
         import mlx.core as mx
         from mlx_lm import stream_generate
         from mlx_lm.models.cache import make_prompt_cache
-        from mlx_lm.sample_utils import make_sampler
 
         tokens = list(p.tokens)
-        output = RequestOutput(p, self.tokenizer, emit, self.metrics)
+        output = self.new_output(p, emit)
         fetched = self.fetch(p)
         output.start(fetched)
         prompt_cache, rest = fetched.prompt_cache, fetched.rest
@@ -331,7 +408,8 @@ class Engine:
 
         if p.seed is not None:
             mx.random.seed(p.seed)
-        sampler = make_sampler(p.temperature, top_p=p.top_p)
+        sampler = make_token_sampler(p)
+        processors = make_token_processors(p)
 
         def progress(done: int, total: int) -> None:
             if cancelled():
@@ -348,6 +426,7 @@ class Engine:
             max_tokens=p.max_tokens,
             sampler=sampler,
             prompt_cache=prompt_cache,
+            logits_processors=processors or None,
             prefill_step_size=self.cfg.prefill_step_size,
             prompt_progress_callback=progress,
         )
@@ -380,10 +459,12 @@ class Engine:
             The tokens still to feed (the last prompt token).
         """
         try:
+            from tiercache.store.layout import DEFAULT_BLOCK_SIZE
             from tiercache.tiers.checkpoints import CheckpointPolicy, prefill_with_checkpoints
         except ImportError:
             return rest
-        policy = CheckpointPolicy(min_tokens=self.cfg.block_size)
+        # parse_config resolves the block size; a ServerConfig built in code may leave it None.
+        policy = CheckpointPolicy(min_tokens=self.cfg.block_size or DEFAULT_BLOCK_SIZE)
         stops = policy.stops(prompt_len=len(tokens), user_start=p.user_start,
                              trimmable=False, cached=cached)
         # The end of the prefill (all but the last prompt token) is also worth a

@@ -1,6 +1,9 @@
-"""OpenAI-style error envelope and the exception handlers that produce it.
+"""Error envelopes and the exception handlers that produce them.
 
-Every error body is ``{"error": {"message", "type", "param", "code"}}``.
+Every error body is OpenAI's ``{"error": {"message", "type", "param", "code"}}``,
+except on the Anthropic routes (``/v1/messages...``), which answer Anthropic's
+``{"type": "error", "error": {"type", "message"}}`` (a validation error is a
+400 there and "not ready" a 529 ``overloaded_error``, as Anthropic clients expect).
 """
 
 from __future__ import annotations
@@ -72,6 +75,22 @@ def error_response(status: int, message: str, param: str | None = None,
                         headers=headers)
 
 
+def is_anthropic_path(path: str) -> bool:
+    """Whether ``path`` is an Anthropic Messages API route."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+def error_for_path(path: str, status: int, message: str, param: str | None = None,
+                   code: str | None = None, headers: dict | None = None) -> JSONResponse:
+    """Return the error response in the shape of the API ``path`` belongs to."""
+    if not is_anthropic_path(path):
+        return error_response(status, message, param, code, headers)
+    from .anthropic.responses import error_body
+
+    status = {422: 400, 503: 529}.get(status, status)
+    return JSONResponse(error_body(status, message), status_code=status, headers=headers)
+
+
 def sse_error(message: str, status: int = 500) -> str:
     """Return an SSE ``data:`` line with an error envelope."""
     return f"data: {json.dumps(envelope(status, message))}\n\n"
@@ -88,7 +107,8 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return error_response(exc.status, exc.message, exc.param, exc.code, headers)
+        return error_for_path(request.url.path, exc.status, exc.message, exc.param,
+                              exc.code, headers)
 
     @app.exception_handler(ClientGone)
     async def _client_gone(request: Request, exc: ClientGone):
@@ -97,22 +117,24 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
+        path = request.url.path
         errors = exc.errors()
         for err in errors:
             if err.get("type") == "json_invalid":
-                return error_response(400, "the request body is not valid JSON",
+                return error_for_path(path, 400, "the request body is not valid JSON",
                                       None, "invalid_json")
         if not errors:
-            return error_response(422, "invalid request")
+            return error_for_path(path, 422, "invalid request")
         err = errors[0]
         param = _loc_param(err.get("loc", ()))
         if err.get("type") == "missing" and param is None:
-            return error_response(400, "the request body is missing", None, "missing_body")
+            return error_for_path(path, 400, "the request body is missing", None,
+                                  "missing_body")
         msg = err.get("msg", "invalid value")
         text = f"{param}: {msg}" if param else msg
         if len(errors) > 1:
             text += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-        return error_response(422, text, param, err.get("type"))
+        return error_for_path(path, 422, text, param, err.get("type"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -123,9 +145,11 @@ def install_handlers(app: FastAPI) -> None:
             message = f"method {request.method} not allowed on {request.url.path}"
         else:
             message = str(exc.detail)
-        return error_response(status, message, None, None, getattr(exc, "headers", None))
+        return error_for_path(request.url.path, status, message, None, None,
+                              getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         logger.exception("unhandled error on %s", request.url.path)
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+        return error_for_path(request.url.path, 500,
+                              f"internal error: {type(exc).__name__}: {exc}")

@@ -8,7 +8,10 @@ from ``TieredPromptCache.stats()`` at scrape time.
 
 from __future__ import annotations
 
+import collections
 import logging
+import threading
+import time
 from collections.abc import Callable
 
 from prometheus_client import (
@@ -23,6 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 logger = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+RECENT_REQUESTS = 200
 
 _TIER_COUNTERS = {
     "hits": "Prefix-cache hits served by the tier",
@@ -33,7 +37,26 @@ _TIER_COUNTERS = {
     "corrupt_records": "Damaged disk records found (and skipped) on restore",
     "writer_errors": "Disk writes that failed with an error",
     "written": "Snapshots written to disk",
+    "hit_tokens": "Prompt tokens served by the tier",
+    "bytes_written": "Bytes of block and checkpoint files written to the disk tier",
 }
+_REMOTE_COUNTERS = {
+    "lookups": "Remote-tier lookups",
+    "hits": "Remote-tier lookups that restored a prefix",
+    "hit_tokens": "Prompt tokens restored from the remote tier",
+    "misses": "Remote-tier lookups without a usable prefix",
+    "rejected": "Remote records that failed verification (tokens, id, checksum): never served",
+    "errors": "Remote calls that failed (connection, timeout)",
+    "timeouts": "Remote calls that timed out",
+    "bytes_in": "Bytes read from the remote tier",
+    "bytes_out": "Bytes written to the remote tier",
+    "pushed_records": "Records pushed to the remote tier",
+    "dropped_pushes": "Records not pushed (queue full or remote unavailable)",
+    "lookup_seconds": "Seconds spent in remote lookups (divide by lookups for the mean)",
+    "breaker_opened": "Times the remote circuit breaker opened",
+}
+_BREAKER_STATES = ("closed", "open", "half_open")
+
 _TIER_GAUGES = {
     "entries": "Entries held by the tier",
     "bytes": "Bytes held by the tier",
@@ -62,7 +85,7 @@ class _CacheCollector:
             for k, doc in _TIER_GAUGES.items()
         }
         writer = stats.get("writer") if isinstance(stats.get("writer"), dict) else {}
-        for tier in ("memory", "disk"):
+        for tier in ("memory", "pending", "disk"):
             tier_stats = stats.get(tier)
             if tier == "disk" and isinstance(tier_stats, dict) and writer:
                 tier_stats = dict(tier_stats)
@@ -80,6 +103,81 @@ class _CacheCollector:
                     fam.add_metric([tier], float(tier_stats[key]))
         yield from counters.values()
         yield from gauges.values()
+        remote = stats.get("remote")
+        if isinstance(remote, dict):
+            yield from _remote_families(remote)
+
+
+def _remote_families(remote: dict):
+    """The remote tier's counters, push queue and breaker state."""
+    for key, doc in _REMOTE_COUNTERS.items():
+        if isinstance(remote.get(key), (int, float)):
+            fam = CounterMetricFamily(f"tiercache_remote_{key}", doc)
+            fam.add_metric([], float(remote[key]))
+            yield fam
+    queue = GaugeMetricFamily("tiercache_remote_push_queue_bytes",
+                              "Bytes waiting to be pushed to the remote tier")
+    queue.add_metric([], float(remote.get("push_queue_bytes") or 0))
+    yield queue
+    state = GaugeMetricFamily("tiercache_remote_breaker_state",
+                              "Remote circuit breaker: 1 for the current state", labels=["state"])
+    for name in _BREAKER_STATES:
+        state.add_metric([name], 1.0 if remote.get("breaker") == name else 0.0)
+    yield state
+
+
+class RecentRequests:
+    """A thread-safe bounded ring of per-request summaries.
+
+    Args:
+        size: How many requests to keep.
+    """
+
+    def __init__(self, size: int = RECENT_REQUESTS):
+        self._ring: collections.deque[dict] = collections.deque(maxlen=size)
+        self._lock = threading.Lock()
+        self._seq = 0
+
+    def add(self, record: dict) -> None:
+        """Append one request summary (the oldest falls out when full)."""
+        with self._lock:
+            self._seq += 1
+            self._ring.append({"seq": self._seq, "time": time.time(), **record})
+
+    def latest(self, limit: int) -> list[dict]:
+        """Return up to ``limit`` summaries, newest first."""
+        with self._lock:
+            items = list(self._ring)
+        return items[::-1][:limit]
+
+
+def request_summary(api: str, usage: dict, ttft: float | None, prefill_s: float,
+                    decode_tps: float, finish: str) -> dict:
+    """Return the ring entry for one finished request.
+
+    Args:
+        api: Which client API served it, e.g. ``openai.chat``.
+        usage: The request's OpenAI-style usage (``prompt_tokens_details``
+            holds the tokens by tier).
+        ttft: Seconds from arrival to the first token, if any was made.
+        prefill_s: Seconds spent on lookup and prefill.
+        decode_tps: Decode tokens per second.
+        finish: Finish reason.
+    """
+    details = usage.get("prompt_tokens_details") or {}
+    by_tier = {k[: -len("_tokens")]: int(v) for k, v in details.items()
+               if k.endswith("_tokens") and k != "cached_tokens" and isinstance(v, int)}
+    return {
+        "api": api,
+        "prompt_tokens": int(usage.get("prompt_tokens", 0)),
+        "cached_tokens": int(details.get("cached_tokens", 0)),
+        "cached_by_tier": by_tier,
+        "completion_tokens": int(usage.get("completion_tokens", 0)),
+        "ttft_s": None if ttft is None else round(ttft, 4),
+        "prefill_s": round(prefill_s, 4),
+        "decode_tps": round(decode_tps, 2),
+        "finish": finish,
+    }
 
 
 class Metrics:
@@ -104,7 +202,7 @@ class Metrics:
             ["tier"],
             registry=r,
         )
-        for tier in ("memory", "disk"):
+        for tier in ("memory", "pending", "disk", "remote"):
             self.hit_tokens.labels(tier=tier)
         self.requests = Counter(
             "tiercache_requests",
@@ -148,8 +246,10 @@ class Metrics:
             registry=r,
         )
         r.register(_CacheCollector(get_stats))
+        self.recent = RecentRequests()
 
-    def observe_fetch(self, queried: int, memory: int, disk: int, seconds: float) -> None:
+    def observe_fetch(self, queried: int, memory: int, disk: int, seconds: float,
+                      remote: int = 0, pending: int = 0) -> None:
         """Record one prefix lookup.
 
         Args:
@@ -157,13 +257,21 @@ class Metrics:
             memory: Tokens served from memory.
             disk: Tokens served from disk.
             seconds: Time the lookup (and restore) took.
+            remote: Tokens restored from the remote tier.
+            pending: Tokens copied from a snapshot the disk writer had not
+                committed yet (the pending tier).
         """
         self.query_tokens.inc(queried)
         if memory:
             self.hit_tokens.labels(tier="memory").inc(memory)
+        if pending:
+            self.hit_tokens.labels(tier="pending").inc(pending)
         if disk:
             self.hit_tokens.labels(tier="disk").inc(disk)
-        tier = "disk" if disk else ("memory" if memory else "miss")
+        if remote:
+            self.hit_tokens.labels(tier="remote").inc(remote)
+        tier = ("remote" if remote else "disk" if disk else "pending" if pending
+                else "memory" if memory else "miss")
         self.restore.labels(tier=tier).observe(seconds)
 
     def render(self) -> bytes:

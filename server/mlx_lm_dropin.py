@@ -4,8 +4,9 @@ Runs ``mlx_lm.server.main()`` unchanged except that the ``LRUPromptCache``
 it builds is a :class:`tiercache.TieredPromptCache`, so its prefix cache
 gains a disk tier and survives restarts. Our own flags (``--disk-dir``,
 ``--disk-bytes``, ``--block-size``, ``--write-policy``, ``--prewarm-bytes``,
-``--writer-queue-bytes``, ``--flush-timeout``) are parsed first; every other
-flag is passed through to mlx_lm.server untouched.
+``--writer-queue-bytes``, ``--flush-timeout``, from the shared table in
+:mod:`tiercache.settings`) are parsed first; every other flag is passed
+through to mlx_lm.server untouched.
 """
 
 from __future__ import annotations
@@ -15,63 +16,59 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from .config import ENV_PREFIX, WRITE_POLICIES, parse_size
+from tiercache.settings import SETTINGS, OneLineArgumentParser, add_arguments, parse_known, pick
 
 logger = logging.getLogger("tiercache.dropin")
 
 _state: dict = {"cache": None, "opts": None}
 
-
-def _size_or_none(text: str) -> int | None:
-    return None if str(text).strip().lower() in ("", "none") else parse_size(text)
+# The cache settings this wrapper adds to mlx_lm.server's own flags; the rest of
+# the shared table (--prompt-cache-bytes, --prompt-cache-size, --prefill-step-size)
+# are mlx_lm.server's flags already and pass through to it.
+DROPIN_SETTINGS = pick(("disk_dir", "disk_bytes", "block_size", "write_policy",
+                        "prewarm_bytes", "writer_queue_bytes", "flush_timeout",
+                        "remote_url", "remote_ttl", "remote_timeout_ms"))
+_PROMPT_CACHE_BYTES = SETTINGS["prompt_cache_bytes"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Parser for the flags this wrapper adds (defaults shown, env vars read)."""
-    def env(name: str, default):
-        return os.environ.get(ENV_PREFIX + name, default)
-
-    p = argparse.ArgumentParser(
+    """Return the parser for the flags this wrapper adds (defaults and env vars in help)."""
+    parser = OneLineArgumentParser(
         prog="tiercache-mlx-lm-server",
         description="mlx_lm.server with a persistent tiered (memory + disk) prompt cache. "
         "All other flags are mlx_lm.server's.",
         add_help=False,
+        allow_abbrev=False,  # an abbreviation of an mlx_lm.server flag is mlx_lm's
     )
-    p.add_argument("--disk-dir", default=env("DISK_DIR", None),
-                   help="Disk-tier folder; enables it (default: None; env: TIERCACHE_DISK_DIR)")
-    p.add_argument("--disk-bytes", type=_size_or_none, default=env("DISK_BYTES", None),
-                   help="Disk-tier budget, e.g. 50GB (default: None = unlimited; "
-                   "env: TIERCACHE_DISK_BYTES)")
-    p.add_argument("--block-size", type=int, default=env("BLOCK_SIZE", "256"),
-                   help="Tokens per disk block (default: 256; env: TIERCACHE_BLOCK_SIZE)")
-    p.add_argument("--write-policy", choices=WRITE_POLICIES, default=env("WRITE_POLICY", "through"),
-                   help="through|back (default: through; env: TIERCACHE_WRITE_POLICY)")
-    p.add_argument("--prewarm-bytes", type=parse_size, default=env("PREWARM_BYTES", "0"),
-                   help="Bytes of recent disk snapshots restored into memory at start "
-                   "(default: 0; env: TIERCACHE_PREWARM_BYTES)")
-    p.add_argument("--writer-queue-bytes", type=parse_size,
-                   default=env("WRITER_QUEUE_BYTES", str(2 << 30)),
-                   help="Bound on snapshots waiting for the disk writer (default: 2147483648; "
-                   "env: TIERCACHE_WRITER_QUEUE_BYTES)")
-    p.add_argument("--flush-timeout", type=float, default=env("FLUSH_TIMEOUT", "10.0"),
-                   help="Seconds to wait for the disk writer at exit (default: 10.0; "
-                   "env: TIERCACHE_FLUSH_TIMEOUT)")
-    return p
+    add_arguments(parser, DROPIN_SETTINGS)
+    return parser
 
 
-def _peek_prompt_cache_bytes(argv: Sequence[str]) -> int | None:
-    """Read mlx_lm's ``--prompt-cache-bytes`` without consuming it."""
-    peek = argparse.ArgumentParser(add_help=False)
-    peek.add_argument("--prompt-cache-bytes", default=None)
-    ns, _ = peek.parse_known_args(list(argv))
-    if ns.prompt_cache_bytes is None:
-        return None
-    try:
-        return parse_size(ns.prompt_cache_bytes)
-    except argparse.ArgumentTypeError:
-        return None  # mlx_lm reports its own error
+def parse_options(
+    argv: Sequence[str], environ: Mapping[str, str] | None = None
+) -> tuple[argparse.Namespace, list[str]]:
+    """Parse our flags (and ``TIERCACHE_*`` variables) out of ``argv``.
+
+    ``--prompt-cache-bytes`` is mlx_lm.server's flag and stays in the rest, but
+    it is read here with the shared parser too, so it means what it means in
+    ``tiercache-server`` (and ``TIERCACHE_PROMPT_CACHE_BYTES`` sets it).
+
+    Exits with status 2 and one line on stderr when a value is bad.
+
+    Returns:
+        ``(our options, the arguments for mlx_lm.server)``.
+    """
+    environ = os.environ if environ is None else environ
+    parser = build_parser()
+    values, rest = parse_known(parser, DROPIN_SETTINGS, argv, environ)
+    peek = OneLineArgumentParser(prog=parser.prog, add_help=False, allow_abbrev=False)
+    add_arguments(peek, [_PROMPT_CACHE_BYTES])
+    values.update(parse_known(peek, [_PROMPT_CACHE_BYTES], rest, environ)[0])
+    if values.get("remote_url") and not values.get("disk_dir"):
+        parser.error("--remote-url needs --disk-dir (remote hits are kept on local disk)")
+    return argparse.Namespace(**values), rest
 
 
 def _make_cache(max_size: int = 10, max_bytes: int = 1 << 63, **_ignored):
@@ -90,6 +87,9 @@ def _make_cache(max_size: int = 10, max_bytes: int = 1 << 63, **_ignored):
         write_policy=opts.write_policy,
         prewarm_bytes=opts.prewarm_bytes,
         writer_queue_bytes=opts.writer_queue_bytes,
+        remote_url=opts.remote_url,
+        remote_ttl=opts.remote_ttl,
+        remote_timeout_ms=opts.remote_timeout_ms,
     )
     _state["cache"] = cache
     logger.info("tiercache: prompt cache is TieredPromptCache (disk tier: %s)",
@@ -142,19 +142,13 @@ def main(argv: Sequence[str] | None = None, hard_exit: bool = True) -> int:
         Exit status (0 after SIGINT/SIGTERM once the cache is flushed).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    ours = build_parser()
     if "-h" in argv or "--help" in argv:
-        ours.print_help()
+        build_parser().print_help()
         print("\nmlx_lm.server flags:\n")
     try:
-        opts, rest = ours.parse_known_args(argv)
+        opts, rest = parse_options(argv)
     except SystemExit as exc:
         return int(exc.code or 2)
-    if opts.block_size <= 0:
-        ours.exit(2, f"{ours.prog}: error: --block-size must be positive\n")
-    if opts.disk_dir:
-        opts.disk_dir = os.path.expanduser(opts.disk_dir)
-    opts.prompt_cache_bytes = _peek_prompt_cache_bytes(rest)
     _state["opts"] = opts
 
     import mlx_lm.server as mlx_server
@@ -162,7 +156,7 @@ def main(argv: Sequence[str] | None = None, hard_exit: bool = True) -> int:
     _patch(mlx_server)
     signal.signal(signal.SIGTERM, _sigterm)
     saved = sys.argv
-    sys.argv = [ours.prog] + rest
+    sys.argv = ["tiercache-mlx-lm-server"] + rest
     try:
         mlx_server.main()
     except KeyboardInterrupt:

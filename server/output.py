@@ -2,11 +2,11 @@
 
 The sequential path (:meth:`server.engine.Engine.generate`) and the batch
 scheduler (:mod:`server.batching`) both hand every generated token to one
-:class:`RequestOutput`: it detokenizes, applies stop strings, emits the
-request's events, decides the finish reason and, at the end, reports usage,
-metrics and the request's log line. Anything that post-processes generated
-text (an output parser, say) replaces :class:`PlainText`, the step that turns
-detokenized text into events, in :class:`RequestOutput`.
+:class:`RequestOutput`: it detokenizes, hands the text to
+:class:`server.output_events.OutputEvents` (reasoning and tool-call parsing,
+stop strings on content), decides the finish reason and, at the end, reports
+usage, metrics (also the dashboard's recent requests and the cache's prefill
+cost model) and the request's log line.
 """
 
 from __future__ import annotations
@@ -17,75 +17,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .metrics import request_summary
+from .output_events import OutputEvents, _StopText  # noqa: F401  (_StopText: tests)
+
 logger = logging.getLogger("tiercache.server")
-
-
-class _StopText:
-    """Holds back text that might be the start of a stop string."""
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = list(stops)
-        self.keep = max((len(s) for s in self.stops), default=1) - 1
-        self.text = ""
-        self.sent = 0
-
-    def feed(self, piece: str) -> tuple[str, bool]:
-        """Add generated text; return (text safe to send, stop hit)."""
-        self.text += piece
-        if self.stops:
-            hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
-            if hits:
-                end = min(hits)
-                out, self.sent = self.text[self.sent:end], end
-                return out, True
-        end = len(self.text) - self.keep
-        if end > self.sent:
-            out, self.sent = self.text[self.sent:end], end
-            return out, False
-        return "", False
-
-    def flush(self) -> str:
-        """Return whatever is still held back."""
-        out, self.sent = self.text[self.sent:], len(self.text)
-        return out
-
-
-class PlainText:
-    """Generated text -> ``("text", piece)`` events, cut at the first stop string.
-
-    The text-to-events step of :class:`RequestOutput`; an output parser
-    (reasoning, tool calls) replaces it with an object of the same interface.
-
-    Args:
-        params: The request (its ``stops``).
-        tokenizer: The model's mlx-lm ``TokenizerWrapper`` (unused here).
-        prompt: The prompt token ids (unused here).
-        emit: Receives the events.
-    """
-
-    def __init__(self, params: Any, tokenizer: Any, prompt: list[int],
-                 emit: Callable[[tuple], None]):
-        self.emit = emit
-        self.stopper = _StopText(params.stops)
-        self.tool_calls = 0
-        self.done = False
-
-    def feed(self, piece: str) -> bool:
-        """Handle a generated piece; return True when generation must stop."""
-        text, hit = self.stopper.feed(piece)
-        if text:
-            self.emit(("text", text))
-        if hit:
-            self.done = True
-        return hit
-
-    def finish(self) -> None:
-        """Emit whatever is still held back (not after a stop string)."""
-        if self.done:
-            return
-        tail = self.stopper.flush()
-        if tail:
-            self.emit(("text", tail))
 
 
 @dataclass
@@ -93,48 +28,75 @@ class Fetched:
     """A request's prompt cache as found in the tiered cache.
 
     Attributes:
-        prompt_cache: The restored cache, or ``None`` on a miss.
-        rest: Prompt tokens the cache does not hold (never empty).
-        cached: Prompt tokens the cache holds.
-        memory: Of those, tokens served from the memory tier.
-        disk: Of those, tokens served from the disk tier.
+        found: The cache's :class:`tiercache.FetchResult` (per-tier counts).
         seconds: Time the lookup and restore took.
+        disk_tier: Whether the cache has a disk tier (``pending_tokens`` shown).
+        remote_tier: Whether the cache has a remote tier (``remote_tokens`` shown).
     """
 
-    prompt_cache: list | None
-    rest: list[int]
-    cached: int
-    memory: int
-    disk: int
+    found: Any
     seconds: float
+    disk_tier: bool = False
+    remote_tier: bool = False
+
+    @property
+    def prompt_cache(self) -> list | None:
+        """The restored cache, or ``None`` on a miss."""
+        return self.found.prompt_cache
+
+    @property
+    def rest(self) -> list[int]:
+        """Prompt tokens the cache does not hold (never empty)."""
+        return list(self.found.rest)
+
+    @property
+    def cached(self) -> int:
+        """Prompt tokens the cache holds."""
+        return self.found.cached_tokens if self.found.prompt_cache is not None else 0
+
+    @property
+    def memory(self) -> int:
+        """Of those, tokens served from the memory tier."""
+        return self.found.memory_tokens
+
+    @property
+    def disk(self) -> int:
+        """Of those, tokens served from the disk tier."""
+        return self.found.disk_tokens
 
 
 class RequestOutput:
     """Turns one request's generated tokens into its events.
 
-    Emits ``("start", usage)`` from :meth:`start`, ``("text", piece)`` while
-    tokens are fed, and ``("done", finish_reason, usage)`` from :meth:`finish`.
+    Emits ``("start", usage)`` from :meth:`start`; ``("text", str)``,
+    ``("reasoning", str)`` and ``("tool_call", ToolCallEvent)`` while tokens
+    are fed; and ``("done", finish_reason, usage, stop_sequence)`` from
+    :meth:`finish` (``finish_reason`` is ``"tool_calls"`` when a tool call was
+    emitted, ``stop_sequence`` the stop string that ended generation or None).
 
     Args:
         params: The request's :class:`server.engine.GenParams`.
         tokenizer: The mlx-lm ``TokenizerWrapper``.
         emit: Thread-safe callback for events.
         metrics: A :class:`server.metrics.Metrics` (optional).
+        cache: The tiered cache, taught the prefill speed (optional).
     """
 
     def __init__(self, params: Any, tokenizer: Any, emit: Callable[[tuple], None],
-                 metrics: Any = None):
+                 metrics: Any = None, cache: Any = None):
         self.params = params
         self.emit = emit
         self.metrics = metrics
+        self.cache = cache
         self.eos = set(tokenizer.eos_token_ids)
         self.detokenizer = tokenizer.detokenizer
-        self.events = PlainText(params, tokenizer, params.tokens, emit)
+        self.events = OutputEvents(params, tokenizer, list(params.tokens), emit)
         self.generated: list[int] = []
         self.finish_reason: str | None = None
         self.fetched: Fetched | None = None
         self.usage: dict = {}
         self.t_start = time.perf_counter()
+        self.t_fetched = self.t_start
         self.t_first: float | None = None
         self._finished = False
 
@@ -146,19 +108,24 @@ class RequestOutput:
     def start(self, fetched: Fetched) -> None:
         """Record the prefix lookup and emit the ``start`` event."""
         self.fetched = fetched
-        n = len(self.params.tokens)
+        self.t_fetched = time.perf_counter()
+        found, n = fetched.found, len(self.params.tokens)
         if self.metrics is not None:
-            self.metrics.observe_fetch(n, fetched.memory, fetched.disk, fetched.seconds)
-        self.usage = {
-            "prompt_tokens": n,
-            "completion_tokens": 0,
-            "total_tokens": n,
-            "prompt_tokens_details": {
-                "cached_tokens": fetched.cached,
-                "memory_tokens": fetched.memory,
-                "disk_tokens": fetched.disk,
-            },
+            self.metrics.observe_fetch(n, fetched.memory, fetched.disk, fetched.seconds,
+                                       remote=found.remote_tokens, pending=found.pending_tokens)
+        details = {
+            "cached_tokens": fetched.cached,
+            "memory_tokens": fetched.memory,
+            "disk_tokens": fetched.disk,
+            # Tiers added later (writer-pending, remote) report themselves.
+            **{f"{tier}_tokens": k for tier, k in found.tokens_by_tier.items()},
         }
+        if fetched.disk_tier:  # always shown with a disk tier
+            details.setdefault("pending_tokens", 0)
+        if fetched.remote_tier:  # always shown with a remote tier
+            details.setdefault("remote_tokens", 0)
+        self.usage = {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n,
+                      "prompt_tokens_details": details}
         self.emit(("start", self.usage))
 
     def feed(self, token: int) -> bool:
@@ -211,7 +178,7 @@ class RequestOutput:
         n_prompt = len(self.params.tokens)
         self.usage["completion_tokens"] = len(self.generated)
         self.usage["total_tokens"] = n_prompt + len(self.generated)
-        self.emit(("done", self.finish_reason, self.usage))
+        self.emit(("done", self.finish_reason, self.usage, self.events.stop_sequence))
         self._record(time.perf_counter())
 
     def _record(self, t_end: float) -> None:
@@ -227,6 +194,10 @@ class RequestOutput:
                 self.metrics.ttft.observe(ttft)
             self.metrics.prefill.observe(prefill_s)
             self.metrics.generated_tokens.inc(n)
+            self.metrics.recent.add(request_summary(p.api, self.usage, ttft, prefill_s,
+                                                    decode_tps, self.finish_reason))
+        if self.t_first is not None and f is not None and self.finish_reason != "cancelled":
+            self._observe_prefill(len(f.rest), self.t_first - self.t_fetched)
         cached, memory, disk = (f.cached, f.memory, f.disk) if f is not None else (0, 0, 0)
         logger.info(
             "request %s: prompt=%d cached=%d (memory=%d disk=%d) prefill=%.3fs ttft=%s "
@@ -242,3 +213,12 @@ class RequestOutput:
             n,
             self.finish_reason,
         )
+
+    def _observe_prefill(self, n_tokens: int, seconds: float) -> None:
+        """Teach the cache's cost model how fast this model prefills here."""
+        if self.cache is None:
+            return
+        try:
+            self.cache.observe_prefill(n_tokens, seconds)
+        except Exception:  # the cost model is advisory
+            logger.exception("observe_prefill failed")

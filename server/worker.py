@@ -14,6 +14,7 @@ import concurrent.futures
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +46,7 @@ class Job:
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
         self._cancelled = threading.Event()
+        self.finished = threading.Event()  # set once the worker is done with it
         self.id = params.request_id or f"req-{next(_ids)}"
         params.request_id = self.id
 
@@ -152,6 +154,47 @@ class Worker:
             self._cond.notify()
         return fut
 
+    def begin_shutdown(self, timeout: float) -> None:
+        """Stop accepting, fail queued jobs now, bound the running ones. Returns at once.
+
+        Queued jobs get a :class:`NotAccepting` error event (HTTP 503). The running
+        jobs (the whole batch) may finish within ``timeout`` seconds; then each
+        one still running gets the same error event, first, so its client is
+        answered even if the generation step under way takes a while to notice
+        the cancel that follows.
+
+        Args:
+            timeout: Seconds the running jobs may still take.
+        """
+        with self._cond:
+            if self._stopping:
+                return
+            self._stopping = True
+            pending = list(self._jobs)
+            self._jobs.clear()
+            controls = list(self._control)
+            self._control.clear()
+            running = list(self._running)
+            self._cond.notify_all()
+        for job in pending:
+            job.cancel()
+            job.emit(("error", NotAccepting("the server is shutting down")))
+        for _, fut in controls:
+            fut.set_exception(NotAccepting("the server is shutting down"))
+        if running:
+            threading.Thread(target=self._deadline, args=(running, timeout),
+                             name="tiercache-shutdown", daemon=True).start()
+
+    @staticmethod
+    def _deadline(jobs: list[Job], timeout: float) -> None:
+        end = time.monotonic() + timeout
+        late = [job for job in jobs if not job.finished.wait(max(0.0, end - time.monotonic()))]
+        for job in late:
+            logger.warning("shutdown: cancelling request %s after %.1fs", job.id, timeout)
+            job.emit(("error",
+                      NotAccepting("the server is shutting down: the request was cancelled")))
+            job.cancel()
+
     def stop(self, timeout: float = 30.0) -> None:
         """Stop accepting, cancel queued and running jobs, join the thread.
 
@@ -251,6 +294,7 @@ class Worker:
         with self._cond:
             if job in self._running:
                 self._running.remove(job)
+        job.finished.set()
 
     @staticmethod
     def run_control(payload: tuple) -> None:

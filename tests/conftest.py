@@ -82,3 +82,18 @@ def random_tokens(n: int, seed: int = 0, vocab: int = 512, low: int = 3) -> list
 def make_tokens():
     """Factory ``make_tokens(n, seed=0, vocab=512, low=3) -> list[int]``."""
     return random_tokens
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory):
+    """A fresh real ``redis-server`` on a free loopback port (skips, saying why,
+    only when the binary is missing)."""
+    from redis_helpers import MISSING, REDIS_BIN, RedisServer
+
+    if REDIS_BIN is None:
+        pytest.skip(MISSING)
+    srv = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()

@@ -100,6 +100,34 @@ def cold_greedy(model, tokens: Sequence[int], n: int, step: int | None = None) -
     return greedy_continue(model, make_prompt_cache(model), tokens, n, step=step)
 
 
+def prefilled_cache(model, tokens: Sequence[int], step: int | None = None) -> list:
+    """Return a fresh ``make_prompt_cache(model)`` prefilled with ``tokens`` (a snapshot).
+
+    Args:
+        model: An mlx-lm model.
+        tokens: Token ids, at least one.
+        step: Prefill chunk size (see ``prefill``).
+    """
+    cache = make_prompt_cache(model)
+    prefill(model, tokens, cache, step=step)
+    return cache
+
+
+def assert_warm_equals_cold(model, cache, query: Sequence[int], rest: Sequence[int], n: int = 8) -> None:
+    """Assert that generating from a fetched ``(cache, rest)`` equals a cold run of ``query``.
+
+    Args:
+        model: An mlx-lm model.
+        cache: The fetched prompt cache (extended in place).
+        query: The whole query the cache was fetched for.
+        rest: The tokens the fetch left to compute (at least one).
+        n: Number of greedy tokens compared.
+    """
+    assert cache is not None and 0 < len(rest) < len(query)
+    assert all(c.offset == len(query) - len(rest) for c in cache)
+    assert greedy_continue(model, cache, rest, n) == cold_greedy(model, query, n)
+
+
 def first_logits(model, cache, tokens: Sequence[int]) -> np.ndarray:
     """Logits of the last of ``tokens`` after one forward pass on ``cache``.
 

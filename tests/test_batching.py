@@ -16,7 +16,9 @@ import threading
 
 import httpx
 import pytest
-from server_helpers import start_server, wait_for
+from server_helpers import wait_for
+
+from tiercache.tools.server_process import start_server
 
 pytestmark = pytest.mark.slow
 
@@ -42,6 +44,7 @@ def test_request_output_stop_strings_eos_and_length(demo_model_path):
     from mlx_lm.utils import load_tokenizer
 
     from tiercache.server.engine import GenParams
+    from tiercache import FetchResult
     from tiercache.server.output import Fetched, RequestOutput
 
     tok = load_tokenizer(demo_model_path)
@@ -52,7 +55,7 @@ def test_request_output_stop_strings_eos_and_length(demo_model_path):
         events = []
         out = RequestOutput(GenParams(tokens=[5, 6, 7], max_tokens=max_tokens, stops=stops),
                             tok, events.append)
-        out.start(Fetched(None, [5, 6, 7], 0, 0, 0, 0.0))
+        out.start(Fetched(FetchResult(None, [5, 6, 7], 3), 0.0, disk_tier=True))
         done = False
         for t in tokens:
             if out.feed(t):
@@ -65,9 +68,12 @@ def test_request_output_stop_strings_eos_and_length(demo_model_path):
     events, text, out, done = run([], 100, ids + [eos])
     assert done and text == tok.decode(ids) and out.finish_reason == "stop"
     assert events[0][0] == "start" and events[-1][:2] == ("done", "stop")
-    assert events[-1][2]["completion_tokens"] == len(ids) + 1
-    _, text, out, done = run(["end"], 100, ids)
+    assert events[-1][2]["completion_tokens"] == len(ids) + 1 and events[-1][3] is None
+    assert events[0][1]["prompt_tokens_details"] == {
+        "cached_tokens": 0, "memory_tokens": 0, "disk_tokens": 0, "pending_tokens": 0}
+    events, text, out, done = run(["end"], 100, ids)
     assert done and out.finish_reason == "stop" and text == tok.decode(ids).split("end")[0]
+    assert events[-1][3] == "end"  # the done event names the stop string
     _, text, out, done = run([], 3, ids)
     assert done and out.finish_reason == "length" and text == tok.decode(ids[:3])
 

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
-pytest.importorskip("mlx_lm")
-
 
 def _load(out, name):
     data = json.loads((out / f"{name}.json").read_text())
@@ -90,3 +86,28 @@ def test_batch_bench_smoke(tmp_path, tiny_llama_path):
     assert cell["completion_tokens"] == 4 * 8  # tiny-llama never stops early
     # The warm-up cached the shared system prompt; later turns hit their history.
     assert 0 < cell["computed_prompt_tokens"] < cell["prompt_tokens"]
+
+
+def test_write_amp_smoke(tmp_path, tiny_llama_path):
+    from tiercache.tools.bench import write_amp
+
+    write_amp.main(["--out", str(tmp_path), "--quick", "--preset", "tiny-llama",
+                    "--model-dir", str(tiny_llama_path.parent), "--block-size", "16"])
+    data = _load(tmp_path, "write_amp-quick")
+    rows = data["rows"]
+    assert len(rows) == data["trace"]["sessions"] * data["trace"]["turns"]
+    assert data["bytes_written_total"] == sum(r["bytes_written"] for r in rows) > 0
+    # Every new token's KV reaches the disk at least once; shared prefixes are not rewritten.
+    assert data["write_amplification"] >= 1.0
+    assert rows[0]["new_tokens"] == rows[0]["snapshot_tokens"]
+    assert all(r["new_tokens"] < r["snapshot_tokens"] for r in rows[1:])
+
+
+def test_scale_bench_smoke(tmp_path):
+    from tiercache.tools.bench import scale_bench
+
+    scale_bench.main(["--sizes", "300,600", "--repeats", "3", "--out", str(tmp_path)])
+    data = _load(tmp_path, "scale_bench")
+    assert [s["evicted_per_call"] for s in data["stages"]] == [5, 5]
+    assert data["stages"][1]["records"] > data["stages"][0]["records"]
+    assert data["start"]["tokens"] == scale_bench.HIT_TOKENS

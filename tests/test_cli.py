@@ -81,6 +81,24 @@ def _ls(d, *extra):
 # --- help and docs --------------------------------------------------------------------------
 
 
+def test_docs_agree_on_the_store_path_and_describe_the_folder():
+    # docs/cli.md used ~/.cache/tiercache (the demo model's home, not a store)
+    # while the README served ~/.cache/tiercache/store.
+    readme, cli_md = (ROOT / "README.md").read_text(), (ROOT / "docs" / "cli.md").read_text()
+    helps = "\n".join(main.commands[c].help or "" for c in COMMANDS)
+    verbs = "|".join(COMMANDS)
+    paths = set()
+    for text in (readme, cli_md, helps):
+        paths |= set(re.findall(rf"tiercache (?:{verbs}) (~\S+)", text))
+        paths |= set(re.findall(r"--disk-dir (~\S+)", text))
+    assert paths == {"~/.cache/tiercache/store"}
+    from tiercache.store.layout import BLOCKS_DIR, CHECKPOINTS_DIR, INDEX_DIR
+
+    for text in (readme, cli_md):
+        assert all(f"{d}/" in text for d in (INDEX_DIR, BLOCKS_DIR, CHECKPOINTS_DIR))
+        assert ".venv/bin/tiercache" in text and "source .venv/bin/activate" in text
+
+
 def test_every_command_has_help():
     assert sorted(main.commands) == sorted(COMMANDS)
     res = run("--help")
@@ -158,7 +176,9 @@ def test_show(filled, tiny_llama):
     d, ns, toks = filled
     _, tok = tiny_llama
     rows = _ls(d)
-    row = next(r for r in rows if r["tokens"] == len(toks[0]))
+    # Two texts may have the same token count: pick the first one's row by its text prefix.
+    row = next(r for r in rows if r["tokens"] == len(toks[0])
+               and r["text"].startswith(TEXTS[0][:50]))
     data = jrun("show", d, row["id"][:8])
     assert data["id"] == row["id"] and data["tokens"] == len(toks[0])
     assert data["text"] == tok.decode(toks[0])
@@ -173,6 +193,25 @@ def test_show(filled, tiny_llama):
     assert mid["tokens"] == 2 * B and mid["is_end"] is False
     out = run("show", d, row["id"], "--table").stdout
     assert row["id"] in out and chain[0]["id"] in out
+
+
+def test_show_cuts_a_long_text_unless_full(tmp_path, tiny_llama_path, tiny_llama):
+    model, tok = tiny_llama
+    d = tmp_path / "store"
+    long_text = " ".join(TEXTS * 4)  # ~340 characters
+    _, (toks,) = _fill(d, tiny_llama_path, model, tok, texts=[long_text])
+    whole = tok.decode(toks)
+    assert len(whole) > 300
+    rid = next(r["id"] for r in _ls(d) if r["tokens"] == len(toks))
+    short_data = jrun("show", d, rid)
+    assert short_data["text"] == whole[:200]
+    assert short_data["text_chars"] == len(whole) and short_data["text_truncated"] is True
+    full = jrun("show", d, rid, "--full")
+    assert full["text"] == whole and "text_truncated" not in full
+    out = run("show", d, rid, "--table").stdout
+    assert f"the start of {len(whole)} characters; --full prints all" in out
+    assert whole[:40] in out and whole[-40:] not in out
+    assert whole[-40:] in run("show", d, rid, "--table", "--full").stdout.replace("\n", " ")
 
 
 def test_verify_clean(filled):
@@ -517,3 +556,44 @@ def test_symlinked_index_is_refused(filled, tmp_path):
     link.mkdir()
     (link / "index.lmdb").symlink_to(d / "index.lmdb")
     assert "symlink" in one_line_error(run("stats", link, ok=False))
+
+
+def test_warm_renders_multipart_messages_like_the_server(tmp_path, tiny_llama_path, tiny_llama):
+    # The server joins text parts of a message's content before the chat template;
+    # warm handed the list to the template as is, so its tokens never matched a request.
+    from tiercache.server.config import ServerConfig as Cfg
+    from tiercache.server.engine import Engine
+
+    model, tok = tiny_llama
+    msgs = [{"role": "system", "content": [{"type": "text", "text": "You are "},
+                                           {"type": "text", "text": "terse and kind."}]},
+            {"role": "user", "content": [{"type": "text", "text": "Name three rivers."}]}]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"messages": msgs}) + "\n")
+    d = tmp_path / "store"
+    r = CliRunner().invoke(main, ["warm", str(d), "--model", str(tiny_llama_path),
+                                 "--prompts", str(prompts), "--block-size", "16"])
+    assert r.exit_code == 0, r.output
+    engine = Engine(Cfg())
+    engine.tokenizer = tok
+    server_tokens = engine.chat_tokens(
+        [{"role": m["role"], "content": "".join(p["text"] for p in m["content"])} for m in msgs])
+    with DiskStore(d) as store:
+        ns = model_namespace(store, str(tiny_llama_path), model)
+        plan = store.longest_prefix(ns, server_tokens, limit=len(server_tokens) - 1)
+        assert plan.n_tokens == len(server_tokens) - 1
+
+
+@pytest.mark.parametrize("line", [
+    {"messages": [{"role": "wizard", "content": "hi"}]},
+    {"messages": ["hi"]},
+    {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+])
+def test_warm_bad_messages_are_one_line_errors(tmp_path, tiny_llama_path, line):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps(line) + "\n")
+    r = CliRunner().invoke(main, ["warm", str(tmp_path / "s"), "--model", str(tiny_llama_path),
+                                 "--prompts", str(prompts)])
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output and "internal error" not in r.output, r.output
+    assert "p.jsonl:1" in r.output

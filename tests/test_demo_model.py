@@ -101,7 +101,7 @@ def test_build_atomic_and_overwrite(tmp_path):
 def test_default_demo_model_path(tmp_path, monkeypatch):
     monkeypatch.setenv("TIERCACHE_HOME", str(tmp_path))
     path = demo_model.default_demo_model_path()
-    assert path == tmp_path / "demo-model-v2"
+    assert path == tmp_path / "demo-model-v3"
     assert (path / "model.safetensors").exists()
     assert demo_model.default_demo_model_path() == path
 

@@ -106,3 +106,62 @@ def test_snapshot_bigger_than_budget(tmp_path):
     assert store.n_records() == 0 and _disk_bytes(store) == 0
     assert store.check() == []
     store.close()
+
+
+def _filled_store(path, budget=None):
+    store = DiskStore(path, block_size=B, disk_bytes=budget)
+    ns = store.register_namespace(b"\x03" * 16, describe_cache([_cache([1])]), {})
+    for k in range(4):
+        toks = [5, 6, 7, 8] + [20 * k + i for i in range(3 + 3 * k)]  # shared first block
+        store.save(ns, toks, [_cache(toks)])
+        time.sleep(0.01)
+    return store, ns
+
+
+def test_layout_1_store_is_migrated_on_open(tmp_path):
+    store, ns = _filled_store(tmp_path / "s")
+    order = [r.id for r in store.eviction_order()]
+    n = store.n_records()
+    ix = store.index
+
+    def downgrade(txn):  # what a store written before the eviction index looks like
+        txn.drop(ix.evictable, delete=True)
+        txn.delete(b"index_layout", db=ix.meta)
+
+    ix.write(downgrade)
+    store.close()
+    ro = DiskStore(tmp_path / "s", readonly=True)  # read-only tools still open it
+    assert ro.index.evictable is None and ro.n_records() == n
+    ro.close()
+    store = DiskStore(tmp_path / "s")
+    assert store.index.migrate() is False  # done once, on open
+    assert [r.id for r in store.eviction_order()] == order
+    assert store.check() == []
+    store.evict_to(0)
+    assert store.n_records() == 0 and _disk_bytes(store) == 0
+    store.close()
+
+
+def test_check_verifies_and_rebuilds_the_eviction_order(tmp_path):
+    store, ns = _filled_store(tmp_path / "s")
+    order = [r.id for r in store.eviction_order()]
+    ix = store.index
+    with ix.read() as txn:
+        first = next(iter(sorted(ix.evictable_keys(txn))))
+    ix.write(lambda txn: txn.delete(first, db=ix.evictable))
+    assert [p.kind for p in store.check()] == ["evict_order"]
+    store.check(fix=True)
+    assert store.check() == []
+    assert [r.id for r in store.eviction_order()] == order
+    store.close()
+
+
+def test_small_overshoot_evicts_one_leaf(tmp_path):
+    """One byte over budget: exactly one leaf goes, the index stays consistent."""
+    store, ns = _filled_store(tmp_path / "s")
+    before = store.n_records()
+    target = store.total_bytes() - 1
+    removed = store.evict_to(target)
+    assert len(removed) == 1 and store.n_records() == before - 1
+    assert store.check() == []
+    store.close()

@@ -10,7 +10,7 @@ import stat
 import numpy as np
 import pytest
 from conftest import random_tokens
-from mlx_helpers import cold_greedy, first_logits, greedy_continue, prefill
+from mlx_helpers import cold_greedy, first_logits, greedy_continue, prefill, prefilled_cache
 from mlx_lm.models.cache import make_prompt_cache
 
 from tiercache.store.disk import DiskStore, StoreError
@@ -18,12 +18,6 @@ from tiercache.store.index import KIND_BLOCK
 from tiercache.store.namespaces import model_namespace
 
 B = 8
-
-
-def _prefilled(model, tokens, step=None):
-    cache = make_prompt_cache(model)
-    prefill(model, tokens, cache, step=step)
-    return cache
 
 
 def _files(folder):
@@ -35,7 +29,7 @@ def test_round_trip(tiny_llama, tiny_llama_path, tmp_path):
     toks = random_tokens(45, seed=1)
     with DiskStore(tmp_path / "s", block_size=B) as store:
         ns = model_namespace(store, tiny_llama_path, model)
-        res = store.save(ns, toks, _prefilled(model, toks))
+        res = store.save(ns, toks, prefilled_cache(model, toks))
         assert res.records_written == 45 // B + 1
     nxt = [17]
     with DiskStore(tmp_path / "s") as store:  # fresh object, adopts the block size
@@ -45,11 +39,11 @@ def test_round_trip(tiny_llama, tiny_llama_path, tmp_path):
         assert plan.n_tokens == 45
         restored = store.restore(plan)
         assert all(c.offset == 45 for c in restored)
-        want = first_logits(model, _prefilled(model, toks), nxt)
+        want = first_logits(model, prefilled_cache(model, toks), nxt)
         got = first_logits(model, store.restore(plan), nxt)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
         assert greedy_continue(model, restored, nxt, 32) == greedy_continue(
-            model, _prefilled(model, toks), nxt, 32
+            model, prefilled_cache(model, toks), nxt, 32
         )
         cache, n = store.fetch(ns, toks + nxt)
         assert n == 45 and cache is not None
@@ -60,7 +54,7 @@ def test_prefix_reuse(tiny_llama, tiny_llama_path, tmp_path):
     T = random_tokens(40, seed=2)
     store = DiskStore(tmp_path / "s", block_size=B)
     ns = model_namespace(store, tiny_llama_path, model)
-    store.save(ns, T, _prefilled(model, T))
+    store.save(ns, T, prefilled_cache(model, T))
     gen_ks = {1, 7, 8, 9, 16, 23, 33, 39, 40}
     for k in range(0, 41):
         nxt = (T[k] + 1) % 512 if k < len(T) else 5
@@ -88,7 +82,7 @@ def test_dedup(tiny_llama, tiny_llama_path, tmp_path):
     results = []
     for i in range(3):
         toks = shared + random_tokens(2 * B + 3, seed=10 + i)
-        results.append(store.save(ns, toks, _prefilled(model, toks)))
+        results.append(store.save(ns, toks, prefilled_cache(model, toks)))
     block_files = _files(tmp_path / "s" / "blocks")
     assert len(block_files) == 4 + 3 * 2
     assert len(_files(tmp_path / "s" / "checkpoints")) == 3  # one tail each
@@ -105,7 +99,7 @@ def test_dedup(tiny_llama, tiny_llama_path, tmp_path):
     assert sum(r.bytes_written for r in results) == all_bytes + tails
     # Saving the same snapshot again writes nothing.
     toks = shared + random_tokens(2 * B + 3, seed=10)
-    again = store.save(ns, toks, _prefilled(model, toks))
+    again = store.save(ns, toks, prefilled_cache(model, toks))
     assert again.records_written == 0 and again.bytes_written == 0
     store.close()
 
@@ -200,9 +194,9 @@ def test_namespaces_isolated(tiny_llama, tiny_llama_path, tiny_sliding, tiny_sli
     ns1 = model_namespace(store, tiny_llama_path, m1)
     ns2 = model_namespace(store, tiny_sliding_path, m2)
     assert ns1 != ns2
-    store.save(ns1, T, _prefilled(m1, T))
+    store.save(ns1, T, prefilled_cache(m1, T))
     assert store.longest_prefix(ns2, T + [3]).n_tokens == 0
-    store.save(ns2, T[:12], _prefilled(m2, T[:12]))
+    store.save(ns2, T[:12], prefilled_cache(m2, T[:12]))
     assert store.longest_prefix(ns1, T + [3], limit=20).n_tokens == 20
     assert store.longest_prefix(ns2, T + [3], limit=20).n_tokens == 12
     c2, n2 = store.fetch(ns2, T + [3])
@@ -223,7 +217,7 @@ def test_changed_weights_new_namespace(tiny_llama, tiny_llama_path, tmp_path):
     store = DiskStore(tmp_path / "s", block_size=4)
     ns = model_namespace(store, tiny_llama_path, model)
     desc = store.layer_desc(ns)
-    store.save(ns, T, _prefilled(model, T))
+    store.save(ns, T, prefilled_cache(model, T))
     copy_dir = tmp_path / "m"
     shutil.copytree(tiny_llama_path, copy_dir)
     assert model_namespace(store, copy_dir, layer_desc=desc) == ns  # same files, same ns
@@ -248,7 +242,7 @@ def test_salt_isolation(tiny_llama, tiny_llama_path, tmp_path):
     T = random_tokens(14, seed=8)
     store = DiskStore(tmp_path / "s", block_size=4)
     ns = model_namespace(store, tiny_llama_path, model)
-    store.save(ns, T, _prefilled(model, T), salt="tenant-a")
+    store.save(ns, T, prefilled_cache(model, T), salt="tenant-a")
     q = T + [3]
     assert store.longest_prefix(ns, q, salt="tenant-a").n_tokens == 14
     assert store.longest_prefix(ns, q, salt="tenant-b").n_tokens == 0
@@ -265,7 +259,7 @@ def test_files_are_safetensors_and_private(tiny_hybrid, tiny_hybrid_path, tmp_pa
     root = tmp_path / "s"
     store = DiskStore(root, block_size=4)
     ns = model_namespace(store, tiny_hybrid_path, model)
-    store.save(ns, T, _prefilled(model, T))
+    store.save(ns, T, prefilled_cache(model, T))
     files = _files(root / "blocks") + _files(root / "checkpoints")
     assert len(files) == 3
     for p in files:

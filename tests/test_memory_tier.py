@@ -307,7 +307,8 @@ def test_clone_isolation(name):
     layer = CLASS_CASES[name](toks)
     mc = MemoryPromptCache()
     mc.insert(K, toks, [layer])
-    before = snapshot(mc._roots[K].children[0].entry.prompt_cache)
+    # What is stored, seen through a fresh clone (fetch without handover).
+    before = snapshot(mc.fetch(K, toks + [99], handover=False).prompt_cache)
     # The caller mutates the object it inserted: the store holds its own handles.
     _mutate(layer)
     # Clones from fetch (not handed over) are mutated too.
@@ -315,7 +316,7 @@ def test_clone_isolation(name):
         hit = mc.fetch(K, toks + [99], handover=False)
         assert hit is not None and type(hit.prompt_cache[0]) is type(layer)
         _mutate(hit.prompt_cache[0])
-    after = snapshot(mc._roots[K].children[0].entry.prompt_cache)
+    after = snapshot(mc.fetch(K, toks + [99], handover=False).prompt_cache)
     assert after == before
 
 

@@ -13,34 +13,26 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import lmdb
 import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import random_tokens
-from mlx_helpers import first_logits, prefill
+from mlx_helpers import assert_warm_equals_cold, first_logits, prefilled_cache
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 import tiercache.store.disk as disk_mod
 from tiercache import TieredPromptCache
 from tiercache.store.disk import DiskStore
 from tiercache.store.index import KIND_BLOCK, Index, Record
+from tiercache.tools.server_process import ROOT, subprocess_env
 
-ROOT = Path(__file__).resolve().parent.parent
 CRASH_OK = {"orphan_file", "temp_file"}
 B = 16
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("TIERCACHE_API_KEY", None)
-    return env
 
 
 def _synthetic_kv(tokens, heads: int = 2, dim: int = 8) -> np.ndarray:
@@ -101,7 +93,7 @@ def test_crash_tool_three_rounds(tiny_llama_path, tmp_path):
         [sys.executable, "-m", "tiercache.tools.crash_test", "--rounds", "3", "--model",
          str(tiny_llama_path), "--disk-dir", str(tmp_path / "disk"), "--json-out", str(out),
          "--max-kill-delay", "1.5", "--prompts", "5", "--check-prompts", "2"],
-        cwd=str(ROOT), env=_env(), capture_output=True, text=True, timeout=300,
+        cwd=str(ROOT), env=subprocess_env(), capture_output=True, text=True, timeout=300,
     )
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     summary = json.loads(out.read_text())
@@ -120,7 +112,7 @@ def test_sigkill_during_save_loop_leaves_only_orphans(tmp_path):
     for _kill in range(3):
         proc = subprocess.Popen(
             [sys.executable, "-c", _SAVER, str(path), str(ROOT / "tests"), str(first)],
-            cwd=str(ROOT), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=str(ROOT), env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True,
         )
         want = rng.randrange(3, 12)
@@ -162,12 +154,6 @@ def test_sigkill_during_save_loop_leaves_only_orphans(tmp_path):
 # --------------------------------------------------------------------------- corruption
 
 
-def _prefilled(model, tokens):
-    cache = make_prompt_cache(model)
-    prefill(model, tokens, cache)
-    return cache
-
-
 def _cold_logits(model, prompt):
     return first_logits(model, make_prompt_cache(model), prompt)
 
@@ -185,7 +171,7 @@ def test_corruption_under_live_cache(tiny_llama, tiny_llama_path, tmp_path, capl
     try:
         ns = cache.register_model(key, tiny_llama_path, model)
         for toks in prompts:
-            cache.insert_cache(key, toks, _prefilled(model, toks))
+            cache.insert_cache(key, toks, prefilled_cache(model, toks))
         assert cache.flush(60)
         plans = [_plan_files(cache, ns, t) for t in prompts]
         for plan, files in plans:
@@ -243,13 +229,14 @@ def test_corruption_under_live_cache(tiny_llama, tiny_llama_path, tmp_path, capl
         assert cache.disk.check(temp_grace=0) == []
         # Undamaged prompts re-insert and hit disk fully again.
         for toks in prompts:
-            cache.insert_cache(key, toks, _prefilled(model, toks))
+            cache.insert_cache(key, toks, prefilled_cache(model, toks))
         assert cache.flush(60)
         cache.clear("memory")
         for toks in prompts:
-            _, rest = cache.fetch_nearest_cache(key, toks + nxt)
+            found = cache.fetch(key, toks + nxt)
+            rest = found.rest
             assert len(rest) == len(nxt)
-            assert cache.last_fetch.disk_tokens == len(toks)
+            assert found.disk_tokens == len(toks)
     finally:
         cache.close()
 
@@ -298,7 +285,7 @@ def test_enospc_serves_from_memory_and_recovers(tiny_llama, tiny_llama_path, tmp
     try:
         cache.register_model(key, tiny_llama_path, model)
         for toks in prompts:
-            cache.insert_cache(key, toks, _prefilled(model, toks))
+            cache.insert_cache(key, toks, prefilled_cache(model, toks))
         assert cache.flush(60)
         w = cache.stats()["writer"]
         assert w["errors"] == len(prompts) and w["written"] == 0
@@ -308,21 +295,23 @@ def test_enospc_serves_from_memory_and_recovers(tiny_llama, tiny_llama_path, tmp
         assert len(failed) == 1, [r.getMessage() for r in failed]  # once per interval
         # Memory keeps serving, with correct results.
         for toks in prompts:
-            got, rest = cache.fetch_nearest_cache(key, toks + [5])
-            assert cache.last_fetch.memory_tokens == len(toks) and rest == [5]
+            found = cache.fetch(key, toks + [5])
+            got, rest = found.prompt_cache, found.rest
+            assert found.memory_tokens == len(toks) and rest == [5]
             np.testing.assert_allclose(first_logits(model, got, rest),
                                        _cold_logits(model, toks + [5]), atol=1e-4, rtol=0)
         # Space comes back: the next writes land and serve from disk.
         state["full"] = False
         for toks in prompts:
-            cache.insert_cache(key, toks, _prefilled(model, toks))
+            cache.insert_cache(key, toks, prefilled_cache(model, toks))
         assert cache.flush(60)
         assert cache.stats()["writer"]["written"] == len(prompts)
         assert cache.stats()["disk"]["entries"] > 0
         cache.clear("memory")
         for toks in prompts:
-            got, rest = cache.fetch_nearest_cache(key, toks + [5])
-            assert cache.last_fetch.disk_tokens == len(toks)
+            found = cache.fetch(key, toks + [5])
+            got, rest = found.prompt_cache, found.rest
+            assert found.disk_tokens == len(toks)
         assert cache.disk.check(temp_grace=0) == []
     finally:
         cache.close()
@@ -348,14 +337,14 @@ def test_enospc_inside_os_write_leaves_no_temp_files(tiny_llama, tiny_llama_path
     try:
         cache.register_model(key, tiny_llama_path, model)
         toks = random_tokens(40, seed=300)
-        cache.insert_cache(key, toks, _prefilled(model, toks))
+        cache.insert_cache(key, toks, prefilled_cache(model, toks))
         assert cache.flush(60)
         assert cache.stats()["writer"]["errors"] == 1
         leftovers = [p for p in (tmp_path / "store").rglob("*.safetensors*") if p.is_file()]
         assert leftovers == []
         assert cache.disk.check(temp_grace=0) == []
         state["full"] = False
-        cache.insert_cache(key, toks, _prefilled(model, toks))
+        cache.insert_cache(key, toks, prefilled_cache(model, toks))
         assert cache.flush(60)
         assert cache.stats()["disk"]["entries"] == 40 // B + 1
     finally:
@@ -407,3 +396,104 @@ def test_lmdb_raw_map_full_is_what_we_handle(tmp_path):
                     txn.put(i.to_bytes(16, "little"), b"x" * 1024)
     finally:
         env.close()
+
+
+# --------------------------------------------------------------------------- faults while serving
+
+
+def test_fetch_disk_failure_keeps_memory_hit(tiny_llama, tiny_llama_path, tmp_path, monkeypatch):
+    """A failing disk lookup must not raise into the caller, and must not lose the
+    memory entry that was handed over before the disk was asked."""
+    model, _ = tiny_llama
+    tc = TieredPromptCache(max_size=4, disk_dir=tmp_path / "d", block_size=4)
+    try:
+        tc.register_model("m", tiny_llama_path, model)
+        toks = random_tokens(12, seed=1)
+        tc.insert_cache("m", toks, prefilled_cache(model, toks))
+        tc.flush()
+
+        def boom(*a, **k):
+            raise lmdb.Error("simulated LMDB failure")
+
+        monkeypatch.setattr(tc.disk, "longest_prefix", boom)
+        query = toks + random_tokens(12, seed=2)
+        cache, rem = tc.fetch_nearest_cache("m", query)
+        assert_warm_equals_cold(model, cache, query, rem)
+        assert len(rem) == 12
+        # the caller didn't re-insert: a give-back-free miss path would have lost it
+    finally:
+        monkeypatch.undo()
+        tc.close()
+
+
+def test_fetch_and_insert_after_close_do_not_raise(tiny_llama, tiny_llama_path, tmp_path):
+    """Server shutdown closes the cache while the generation thread may still be
+    serving a request: fetch and insert must degrade to memory-only, not raise."""
+    model, _ = tiny_llama
+    tc = TieredPromptCache(max_size=4, disk_dir=tmp_path / "d", block_size=4)
+    toks = random_tokens(12, seed=3)
+    key = str(tiny_llama_path)  # unregistered key naming a model folder
+    tc.insert_cache(key, toks, prefilled_cache(model, toks))
+    tc.close()
+    query = toks + random_tokens(12, seed=4)
+    cache, rem = tc.fetch_nearest_cache(key, query)
+    assert_warm_equals_cold(model, cache, query, rem)
+    other = str(tiny_llama_path) + "/"  # another spelling: not yet bound to a namespace
+    tc.insert_cache(other, toks, prefilled_cache(model, toks))
+    cache, rem = tc.fetch_nearest_cache(other, query)
+    assert_warm_equals_cold(model, cache, query, rem)
+
+
+def _corrupt_record_token(store_dir, position, new_token):
+    """Rewrites the first token of the block record ending at ``position`` in LMDB
+    (a bit flip in the index: the record stays decodable)."""
+    from tiercache.store.disk import DiskStore
+    from tiercache.store.index import KIND_BLOCK, Record
+
+    st = DiskStore(store_dir)
+    try:
+        with st.index.read() as txn:
+            recs = [Record.decode(rid, raw) for rid, raw in st.index.iter_records(txn)]
+        (rec,) = [r for r in recs if r.kind == KIND_BLOCK and r.position == position]
+        toks = rec.token_list
+        old = toks[0]
+        toks[0] = new_token
+        from tiercache.store.hashing import pack_tokens
+
+        rec.tokens = pack_tokens(toks)
+        st.index.write(lambda txn: txn.put(rec.id, rec.encode(), db=st.index.records))
+        return old
+    finally:
+        st.close()
+
+
+def test_prewarm_never_serves_a_record_whose_tokens_do_not_match_its_hash(
+    tiny_llama, tiny_llama_path, tmp_path
+):
+    """Prewarm keys memory entries by the tokens stored in LMDB records; a record
+    whose tokens don't hash to its id (index damage, poisoning) must not become a
+    memory entry, or the memory tier serves KV of other tokens (a wrong hit)."""
+    model, _ = tiny_llama
+    d = tmp_path / "d"
+    toks = random_tokens(12, seed=7)
+    tc = TieredPromptCache(max_size=4, disk_dir=d, block_size=4)
+    tc.register_model("m", tiny_llama_path, model)
+    tc.insert_cache("m", toks, prefilled_cache(model, toks))
+    tc.close()
+    bad = list(toks)
+    bad[8] = (toks[8] + 1) % 500 + 3
+    _corrupt_record_token(d, 12, bad[8])
+
+    tc = TieredPromptCache(max_size=4, disk_dir=d, prewarm_bytes=1 << 30)
+    try:
+        tc.register_model("m", tiny_llama_path, model)
+        assert tc.wait_prewarmed(30)
+        # The damaged chain was not prewarmed: memory holds nothing.
+        assert tc.stats()["memory"]["prewarmed_bytes"] == 0 and len(tc) == 0
+        query = bad + random_tokens(6, seed=8)
+        found = tc.fetch("m", query)
+        # The disk serves the undamaged blocks [0, 8) only, exactly.
+        assert found.source == "disk" and found.disk_tokens == 8
+        assert_warm_equals_cold(model, found.prompt_cache, query, found.rest)
+    finally:
+        tc.close()

@@ -14,7 +14,9 @@ from pathlib import Path
 import httpx
 import mlx.core as mx
 import pytest
-from server_helpers import ROOT, _env, start_server, wait_for
+from server_helpers import wait_for
+
+from tiercache.tools.server_process import ROOT, start_server, subprocess_env
 
 from tiercache.store import layers as L
 from tiercache.store.disk import DiskStore, StoreError
@@ -32,7 +34,7 @@ def test_default_bind_is_loopback():
     assert ServerConfig().host == "127.0.0.1"
     assert parse_config([], env={}).host == "127.0.0.1"
     p = subprocess.run([sys.executable, "-m", "tiercache.server.cli", "--help"], cwd=str(ROOT),
-                       env=_env(), capture_output=True, text=True, timeout=120)
+                       env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0
     m = re.search(r"--host HOST\s+(.*?)(?=\n\s+--)", p.stdout, re.S)
     assert m and "default: 127.0.0.1" in " ".join(m.group(1).split()), p.stdout
@@ -192,7 +194,7 @@ def _store_with_record(path: Path):
 def _tiercache_cli(*args):
     exe = Path(sys.executable).parent / "tiercache"
     return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120,
-                          env=_env())
+                          env=subprocess_env())
 
 
 def test_planted_symlinks_are_reported_and_unlinked_not_followed(tmp_path):

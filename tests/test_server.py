@@ -9,7 +9,9 @@ import threading
 import httpx
 import openai
 import pytest
-from server_helpers import disk_entries, start_server, wait_for
+from server_helpers import disk_entries, wait_for
+
+from tiercache.tools.server_process import ROOT, ServerProcess, start_server, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -207,7 +209,10 @@ def test_bad_inputs_get_envelopes_and_server_keeps_serving(server):
         assert err["param"] == "prompt"
         _assert_envelope(h.post(url + "/v1/completions",
                                 json={"prompt": [1, -3], "max_tokens": 4}), 400)
-        _assert_envelope(h.post(chat, json={"messages": msgs, "model": "no-such-model"}), 404)
+        # Any model name is served (one model is loaded); --strict-model-name's 404
+        # is tested in test_server_new_user.py.
+        assert h.post(chat, json={"messages": msgs, "model": "no-such-model",
+                                  "max_tokens": 2}).status_code == 200
         _assert_envelope(h.get(url + "/v1/nope"), 404)
         _assert_envelope(h.post(url + "/v1/completions",
                                 content=b"x" * (8 * 1024 * 1024)), 413)
@@ -299,11 +304,42 @@ def test_cache_stats_and_reset(server):
     assert r.status_code == 200 and r.json()["tier"] == "all"
 
 
-def test_api_key_queue_limit_and_loading_health(tiny_llama_path, tmp_path):
-    from server_helpers import ServerProcess
+def _ok_after(client) -> None:
+    r = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2})
+    assert r.status_code == 200, r.text
 
-    srv = ServerProcess("tiercache.server.cli", ["--model", str(tiny_llama_path), "--api-key", "sekret",
-                                       "--max-queue", "1", "--max-batch-size", "1"],
+
+def test_untokenizable_completion_prompt_is_a_400_not_a_500(server):
+    with httpx.Client(base_url=server.base_url, timeout=120) as client:
+        # A lone surrogate passes JSON and schema validation but the tokenizer refuses it.
+        body = '{"prompt": "hi \\ud800 there", "max_tokens": 2}'
+        r = client.post("/v1/completions", content=body,
+                        headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "prompt"
+        _ok_after(client)
+
+
+@pytest.mark.parametrize("ctype", [None, "application/x-www-form-urlencoded", "text/plain"])
+def test_json_body_without_json_content_type_is_read_as_json(server, ctype):
+    # `curl -d '{...}'` without -H 'content-type: application/json' sends a form type.
+    with httpx.Client(base_url=server.base_url, timeout=120) as client:
+        body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        headers = {"content-type": ctype} if ctype else {}
+        r = client.post("/v1/chat/completions", content=body, headers=headers)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 2
+        r = client.post("/v1/cache/reset", content='{"tier": "memory"}', headers=headers)
+        assert r.status_code == 200, r.text
+        # A body that is not JSON is still a 400 with the envelope.
+        r = client.post("/v1/chat/completions", content="a=b", headers=headers)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "invalid_json"
+
+
+def test_api_key_queue_limit_and_loading_health(tiny_llama_path, tmp_path):
+    srv = ServerProcess(["--model", str(tiny_llama_path), "--api-key", "sekret", "--max-queue", "1",
+                         "--max-batch-size", "1"],
                         tmp_path / "key.log")
     try:
         # /health is 503 ("loading") until the model is ready, then 200.
@@ -401,21 +437,19 @@ def test_bad_flags_exit_2_with_one_line(tmp_path):
     import subprocess
     import sys
 
-    from server_helpers import ROOT, _env
-
     for args in (["--port", "abc"], ["--prompt-cache-bytes", "12XB"],
                  ["--write-policy", "sideways"], ["--model", str(tmp_path / "missing")]):
         p = subprocess.run([sys.executable, "-m", "tiercache.server.cli", *args], cwd=str(ROOT),
-                           env=_env(), capture_output=True, text=True, timeout=120)
+                           env=subprocess_env(), capture_output=True, text=True, timeout=120)
         assert p.returncode == 2, (args, p.stderr)
         assert len(p.stderr.strip().splitlines()) == 1, p.stderr
         assert "Traceback" not in p.stderr
     p = subprocess.run([sys.executable, "-m", "tiercache.server.cli"], cwd=str(ROOT),
-                       env=_env({"TIERCACHE_MAX_TOKENS": "-4"}), capture_output=True,
+                       env=subprocess_env({"TIERCACHE_MAX_TOKENS": "-4"}), capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 2 and "TIERCACHE_MAX_TOKENS" in p.stderr
     p = subprocess.run([sys.executable, "-m", "tiercache.server.cli", "--help"], cwd=str(ROOT),
-                       env=_env(), capture_output=True, text=True, timeout=120)
+                       env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0
     assert "default: 8080" in p.stdout and "TIERCACHE_PROMPT_CACHE_BYTES" in p.stdout
 

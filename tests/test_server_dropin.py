@@ -9,7 +9,8 @@ import sys
 import httpx
 import openai
 import pytest
-from server_helpers import ROOT, _env, start_server
+
+from tiercache.tools.server_process import ROOT, start_server, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +55,7 @@ def test_dropin_serves_prefix_from_disk_after_restart(tiny_llama_path, tmp_path)
 
 def test_dropin_help_lists_our_flags():
     p = subprocess.run([sys.executable, "-m", "tiercache.server.mlx_lm_dropin", "--help"], cwd=str(ROOT),
-                       env=_env(), capture_output=True, text=True, timeout=120)
+                       env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     for flag in ("--disk-dir", "--disk-bytes", "--block-size", "--prompt-cache-size"):
         assert flag in p.stdout

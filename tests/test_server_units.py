@@ -5,25 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from tiercache.server.config import parse_config, parse_size
+from tiercache.server.config import parse_config
 from tiercache.server.output import _StopText
 from tiercache.server.schemas import ChatCompletionRequest, CompletionRequest
-
-
-@pytest.mark.parametrize("text,expected", [
-    ("8GB", 8 * 10**9), ("512MiB", 512 * 2**20), ("4G", 4 * 10**9), ("512M", 512 * 10**6),
-    ("1048576", 1048576), (1024, 1024), ("1.5GB", 1_500_000_000),
-])
-def test_parse_size(text, expected):
-    assert parse_size(text) == expected
-
-
-@pytest.mark.parametrize("text", ["abc", "-1", "12XB", ""])
-def test_parse_size_rejects(text):
-    import argparse
-
-    with pytest.raises(argparse.ArgumentTypeError):
-        parse_size(text)
 
 
 def test_config_flags_env_and_precedence(tmp_path):
@@ -46,6 +30,40 @@ def test_config_bad_values_exit_2(argv, capsys):
         parse_config(argv, env={})
     assert exc.value.code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def _store(path, block_size=16):
+    from tiercache.store.disk import DiskStore
+
+    DiskStore(path, block_size=block_size).close()
+    return path
+
+
+@pytest.mark.parametrize("case", ["block_size", "foreign", "corrupt"])
+def test_unusable_disk_dir_is_refused_at_start_with_one_line(tmp_path, capsys, case):
+    # README: bad values are refused at start with one line on stderr (exit 2),
+    # not by a server that starts, fails to load and exits 1.
+    disk = tmp_path / "disk"
+    if case == "block_size":
+        _store(disk, block_size=16)
+        argv = ["--disk-dir", str(disk), "--block-size", "32"]
+    elif case == "foreign":
+        disk.mkdir()
+        (disk / "thesis.txt").write_text("not a cache")
+        argv = ["--disk-dir", str(disk)]
+    else:
+        (disk / "index.lmdb").mkdir(parents=True)
+        (disk / "index.lmdb" / "data.mdb").write_bytes(b"\x00garbage" * 2000)
+        argv = ["--disk-dir", str(disk)]
+    with pytest.raises(SystemExit) as exc:
+        parse_config(argv, env={})
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--disk-dir" in err, err
+    # The matching block size (and a fresh folder) are accepted.
+    if case == "block_size":
+        assert parse_config(argv[:2] + ["--block-size", "16"], env={}).block_size == 16
+    assert parse_config(["--disk-dir", str(tmp_path / "new")], env={}).disk_dir
 
 
 def test_stop_text_holds_back_partial_matches():

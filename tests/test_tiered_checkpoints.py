@@ -113,11 +113,12 @@ def test_hybrid_conversation_reuses_system_prompt(tiny_hybrid, tiny_hybrid_path,
     _, want = _run(model, cold, prompt_b, pol.stops(prompt_len=len(prompt_b), user_start=pb, trimmable=False))
 
     def warm(tcache):
-        c, rem = tcache.fetch_nearest_cache(key, prompt_b)
+        found = tcache.fetch(key, prompt_b)
+        c, rem = found.prompt_cache, found.rest
         n = len(prompt_b) - len(rem)
         assert c is not None and n >= sys_len and n == p
         st = pol.stops(prompt_len=len(prompt_b), user_start=pb, trimmable=False, cached=n)
-        return _run(model, c, prompt_b, st, offset=n)[1], tcache.last_fetch.source
+        return _run(model, c, prompt_b, st, offset=n)[1], found.source
 
     assert warm(tc) == (want, "memory")
     assert tc.close(flush_timeout=30)

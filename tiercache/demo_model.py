@@ -57,19 +57,77 @@ __all__ = [
     "main",
 ]
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-"""Special tokens, in id order (ids 0, 1, 2)."""
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<think>", "</think>", "<tool_call>", "</tool_call>",
+]
+"""Special tokens, in id order (ids 0..6). The think and tool-call markers are
+single tokens so mlx-lm infers reasoning support and its ``json_tools`` parser."""
 
 EOS_TOKEN = "<|im_end|>"
 
+# ChatML with tools, tool calls, tool results and think blocks, in the style of
+# Qwen3 (so mlx-lm's template sniffing picks the ``json_tools`` parser: the
+# template names ``<tool_call>`` and ``tool_call.name``). Every piece of output is
+# a Jinja string literal, so no stray template whitespace reaches the prompt.
+# Differences from Qwen3, chosen for the prefix cache: an assistant message's
+# ``reasoning_content`` is always rendered (history renders the same every turn),
+# a reply re-renders exactly as it was generated (newlines around the think block
+# and before a first tool call are not doubled), and ``enable_thinking=false``
+# closes an empty think block in the generation prompt (the default leaves it to
+# the model to open one).
 CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    "{%- if tools -%}"
+    "{{ '<|im_start|>system\\n' }}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{{ messages[0]['content'] + '\\n\\n' }}"
+    "{%- endif -%}"
+    "{{ '# Tools\\n\\nYou can call the functions whose JSON signatures are listed "
+    "between <tools> and </tools>, one per line:\\n<tools>' }}"
+    "{%- for tool in tools -%}{{ '\\n' + (tool | tojson) }}{%- endfor -%}"
+    "{{ '\\n</tools>\\n\\nTo call one, reply with a JSON object holding its name "
+    "and arguments between <tool_call> and </tool_call>:\\n<tool_call>\\n"
+    "{\\\"name\\\": <function name>, \\\"arguments\\\": <arguments object>}\\n"
+    "</tool_call><|im_end|>\\n' }}"
+    "{%- elif messages and messages[0]['role'] == 'system' -%}"
+    "{{ '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' and loop.first -%}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{%- if loop.first or loop.previtem['role'] != 'tool' -%}{{ '<|im_start|>user' }}{%- endif -%}"
+    "{{ '\\n<tool_response>\\n' + (message['content'] or '') + '\\n</tool_response>' }}"
+    "{%- if loop.last or loop.nextitem['role'] != 'tool' -%}{{ '<|im_end|>\\n' }}{%- endif -%}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ '<|im_start|>assistant\\n' }}"
+    "{%- if message['reasoning_content'] -%}"
+    "{{ '<think>\\n' + message['reasoning_content'].strip('\\n') + '\\n</think>\\n\\n' }}"
+    "{%- endif -%}"
+    "{%- set content = (message['content'] or '').lstrip('\\n') -%}"
+    "{{ content }}"
+    "{%- for call in message['tool_calls'] or [] -%}"
+    "{%- set tool_call = call['function'] if call['function'] is defined else call -%}"
+    "{%- if not loop.first or (content and not content.endswith('\\n')) -%}"
+    "{{ '\\n' }}{%- endif -%}"
+    "{%- set args = tool_call.arguments if tool_call.arguments is string "
+    "else (tool_call.arguments | tojson) -%}"
+    "{{ '<tool_call>\\n{\\\"name\\\": \\\"' + tool_call.name + '\\\", \\\"arguments\\\": ' "
+    "+ args + '}\\n</tool_call>' }}"
+    "{%- endfor -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- else -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') + '<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}"
+    "{{ '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif -%}"
+    "{%- endif -%}"
 )
 
-DEMO_MODEL_VERSION = "demo-model-v2"
+DEMO_MODEL_VERSION = "demo-model-v3"
 
 _LLAMA_COMMON = {
     "model_type": "llama",
@@ -254,7 +312,7 @@ def _tokenizer_files(vocab_size: int) -> dict[str, str]:
     cfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "added_tokens_decoder": added,
-        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "additional_special_tokens": list(SPECIAL_TOKENS[1:]),
         "bos_token": None,
         "eos_token": EOS_TOKEN,
         "pad_token": "<|endoftext|>",
@@ -264,7 +322,7 @@ def _tokenizer_files(vocab_size: int) -> dict[str, str]:
         "chat_template": CHAT_TEMPLATE,
     }
     special_map = {
-        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "additional_special_tokens": list(SPECIAL_TOKENS[1:]),
         "eos_token": EOS_TOKEN,
         "pad_token": "<|endoftext|>",
     }
@@ -513,9 +571,14 @@ def _is_current(out: Path, preset: str, seed: int) -> bool:
         config = json.loads((out / "config.json").read_text())
     except (OSError, ValueError):
         return False
+    try:
+        template = json.loads((out / "tokenizer_config.json").read_text()).get("chat_template")
+    except (OSError, ValueError):
+        return False
     want = PRESETS[preset]
     return (
-        info.get("preset") == preset
+        template == CHAT_TEMPLATE
+        and info.get("preset") == preset
         and info.get("seed") == seed
         and info.get("builder") == DEMO_MODEL_VERSION
         and all(config.get(k) == v for k, v in want.items())
@@ -525,7 +588,7 @@ def _is_current(out: Path, preset: str, seed: int) -> bool:
 def default_demo_model_path() -> Path:
     """Return the shared demo model folder, building it on first use.
 
-    The folder is ``$TIERCACHE_HOME/demo-model-v2`` (default home:
+    The folder is ``$TIERCACHE_HOME/demo-model-v3`` (default home:
     ``~/.cache/tiercache``).
 
     Returns:

@@ -23,30 +23,19 @@ from typing import Any
 
 import click
 
+from tiercache.errors import TiercacheError
+from tiercache.tools.options import SIZE, CliError, setting_option
 from tiercache.tools.prompts import prompt_tokens, read_prompts
 from tiercache.tools.render import console, emit, human_size, human_time, iso, print_table, short
 
 EXIT_PROBLEMS = 1
-EXIT_ERROR = 2
-
-
-class CliError(click.ClickException):
-    """One-line error, exit code 2."""
-
-    exit_code = EXIT_ERROR
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()) or "error")
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    """Return the errors a command reports as one line: ours, bad arguments, I/O."""
     import lmdb
 
-    from tiercache.store.blockfile import BlockFileError
-    from tiercache.store.disk import RestoreError, StoreError
-    from tiercache.store.index import IndexError_
-
-    return (StoreError, IndexError_, BlockFileError, RestoreError, ValueError, lmdb.Error, OSError, KeyError)
+    return (TiercacheError, ValueError, lmdb.Error, OSError, KeyError)
 
 
 class _Group(click.Group):
@@ -70,16 +59,6 @@ class _Group(click.Group):
 # --- parsing --------------------------------------------------------------------------------
 
 
-def parse_size(text: str) -> int:
-    """Bytes from a size like ``512MiB``, ``2GB``, ``1.5 GiB`` or ``1000`` (pydantic ByteSize)."""
-    from pydantic import ByteSize, TypeAdapter, ValidationError
-
-    try:
-        return int(TypeAdapter(ByteSize).validate_python(str(text).strip()))
-    except ValidationError:
-        raise CliError(f"bad size {text!r}: use e.g. 512MiB, 2GB or a number of bytes") from None
-
-
 _UNIT = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -97,15 +76,6 @@ def parse_duration(text: str) -> float:
     return total
 
 
-class SizeType(click.ParamType):
-    name = "SIZE"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, int):
-            return value
-        return parse_size(value)  # a bad size is one clean line, not a usage dump
-
-
 class DurationType(click.ParamType):
     name = "DURATION"
 
@@ -115,7 +85,6 @@ class DurationType(click.ParamType):
         return parse_duration(value)
 
 
-SIZE = SizeType()
 DURATION = DurationType()
 
 
@@ -178,20 +147,55 @@ def main(ctx: click.Context, table: bool) -> None:
 
 
 @main.command()
-@click.argument("dir")
+@click.argument("dir", required=False)
 @click.option("--budget", type=SIZE, default=None, metavar="SIZE",
               help="Disk budget to report use against (e.g. 20GiB), if the store doesn't record one.")
+@click.option("--remote-url", "remote_url", default=None, metavar="URL",
+              help="Also (or only, without DIR) report what a remote tier holds: redis://, rediss://, unix://.")
 @table_option
 @click.pass_context
-def stats(ctx, dir, budget, table):
+def stats(ctx, dir, budget, remote_url, table):
     """Per-namespace statistics, then totals.
 
     For each namespace: its model, blocks, tails, checkpoints, bytes, logical
     tokens stored vs physical tokens (the dedup ratio), oldest/newest access and
-    hits (restores served).
+    hits (restores served). With --remote-url: records, kinds and bytes the
+    Redis/Valkey server holds per namespace (SCAN, never KEYS).
 
-    Example: tiercache stats ~/.cache/tiercache --table
+    Example: tiercache stats ~/.cache/tiercache/store --table
+    Example: tiercache stats --remote-url redis://cache-host:6379/0 --table
     """
+    if dir is None and remote_url is None:
+        raise CliError("give a store folder, --remote-url, or both")
+    remote = _remote_stats(remote_url) if remote_url is not None else None
+    if dir is None:
+        emit({"remote": remote}, _want_table(ctx, table), lambda d: _render_remote(d["remote"]))
+        return
+    _disk_stats(ctx, dir, budget, table, remote)
+
+
+def _remote_stats(url: str) -> dict:
+    from tiercache.remote.client import check_url
+    from tiercache.remote.stats import RemoteStatsError, remote_stats
+
+    try:
+        return remote_stats(check_url(url))
+    except (ValueError, RemoteStatsError) as e:
+        raise CliError(str(e)) from None
+
+
+def _render_remote(d: dict) -> None:
+    rows = [{
+        "ns": e["namespace"][:12] if e["namespace"] != "TOTAL" else "TOTAL",
+        "records": e["records"], "blocks": e["blocks"], "ckpts": e["checkpoints"] + e["tails"],
+        "foreign": e["foreign"], "size": human_size(e["bytes"]),
+    } for e in d["namespaces"] + [d["total"]]]
+    print_table([("namespace", "ns"), ("records", "records"), ("blocks", "blocks"),
+                 ("ckpts/tails", "ckpts"), ("foreign", "foreign"), ("size", "size")],
+                rows, title=f"remote {d['url']}")
+
+
+def _disk_stats(ctx, dir, budget, table, remote) -> None:
     from tiercache.admin import inspect as I
 
     with open_store(dir) as store:
@@ -222,7 +226,11 @@ def stats(ctx, dir, budget, table):
             rows,
             title=f"{d['path']}  format {d['format_version']}, block size {d['block_size']}, budget {budget_s}",
         )
+        if d.get("remote") is not None:
+            _render_remote(d["remote"])
 
+    if remote is not None:
+        data["remote"] = remote
     emit(data, _want_table(ctx, table), render)
 
 
@@ -245,7 +253,7 @@ def ls(ctx, dir, namespace, sort, limit, words, table):
     (when the model's tokenizer is found at the path recorded in the store; token
     ids otherwise).
 
-    Example: tiercache ls ~/.cache/tiercache --sort size --limit 20 --table
+    Example: tiercache ls ~/.cache/tiercache/store --sort size --limit 20 --table
     """
     from tiercache.admin import inspect as I
 
@@ -271,18 +279,39 @@ def ls(ctx, dir, namespace, sort, limit, words, table):
     emit(rows, _want_table(ctx, table), render)
 
 
+SHOW_CHARS = 200
+"""Characters of decoded text ``show`` prints unless ``--full``."""
+SHOW_TOKEN_IDS = 50
+"""Token ids ``show`` prints (when the text can't be decoded) unless ``--full``."""
+
+
+def _shorten_text(data: dict) -> None:
+    """Cut ``show``'s text (or token ids) to its start; say how much there is."""
+    if "text" in data:
+        data["text_chars"] = len(data["text"])
+        data["text_truncated"] = len(data["text"]) > SHOW_CHARS
+        data["text"] = data["text"][:SHOW_CHARS]
+    elif "token_ids" in data:
+        data["text_truncated"] = len(data["token_ids"]) > SHOW_TOKEN_IDS
+        data["token_ids"] = data["token_ids"][:SHOW_TOKEN_IDS]
+
+
 @main.command()
 @click.argument("dir")
 @click.argument("id")
+@click.option("--full", is_flag=True, default=False,
+              help=f"Print the whole text (default: the first {SHOW_CHARS} characters).")
 @table_option
 @click.pass_context
-def show(ctx, dir, id, table):
+def show(ctx, dir, id, full, table):
     """Show one stored prefix: its chain of blocks, token count, decoded text (or
     token ids), files, sizes, checksums and the checkpoints along it.
 
     ID is a record id from `ls` (any unique prefix of at least 8 hex digits).
+    The text is cut to its first characters (system prompts run to tens of
+    thousands of tokens) unless --full is given.
 
-    Example: tiercache show ~/.cache/tiercache 3fa2c81d
+    Example: tiercache show ~/.cache/tiercache/store 3fa2c81d
     """
     from tiercache.admin import inspect as I
 
@@ -290,6 +319,8 @@ def show(ctx, dir, id, table):
         view = I.load_view(store)
         rec = I.resolve_id(view, id)
         data = I.prefix_detail(store, view, rec, I.TextDecoder(view))
+    if not full:
+        _shorten_text(data)
 
     def render(d):
         now = time.time()
@@ -307,7 +338,11 @@ def show(ctx, dir, id, table):
         if d["checkpoints"]:
             con.print("other restore points along this chain: "
                       + ", ".join(f"{c['kind']} @{c['position']} {c['id'][:12]}" for c in d["checkpoints"]))
-        con.print("text:" if "text" in d else "token ids:")
+        what = "text" if "text" in d else "token ids"
+        if d.get("text_truncated"):
+            total = f"{d['text_chars']} characters" if "text" in d else f"{d['tokens']} ids"
+            what += f" (the start of {total}; --full prints all)"
+        con.print(what + ":", markup=False)
         con.print(d["text"] if "text" in d else json.dumps(d["token_ids"]), markup=False)
 
     emit(data, _want_table(ctx, table), render)
@@ -319,7 +354,6 @@ _RECORD_PROBLEMS = {"missing_file", "size_mismatch", "checksum_mismatch", "dangl
 def _settled(store, problems, temp_grace: float):
     """Drops what a concurrent writer explains: a file renamed into place whose
     record isn't committed yet (younger than the grace), or a record evicted since."""
-    import lmdb  # noqa: F401
 
     now = time.time()
     out = []
@@ -343,7 +377,7 @@ def _settled(store, problems, temp_grace: float):
                     rid = bytes.fromhex(p.target)
                 except ValueError:
                     rid = None
-                if rid is not None and txn.get(rid, db=store.index.records) is None:
+                if rid is not None and not store.index.has(txn, rid):
                     continue
             out.append(p)
     return out
@@ -363,7 +397,7 @@ def verify(ctx, dir, fix, temp_grace, table):
     Exits 0 when clean, 1 when problems remain (after --fix: when the repair
     could not clear them).
 
-    Example: tiercache verify ~/.cache/tiercache --fix
+    Example: tiercache verify ~/.cache/tiercache/store --fix
     """
     with open_store(dir, write=fix) as store:
         found = _settled(store, store.check(fix=False, temp_grace=temp_grace), temp_grace)
@@ -408,7 +442,7 @@ def evict(ctx, dir, to, namespace, older_than, table):
     --older-than). A block is never evicted while a longer prefix built on it
     stays. Safe while a server uses the store.
 
-    Example: tiercache evict ~/.cache/tiercache --older-than 7d
+    Example: tiercache evict ~/.cache/tiercache/store --older-than 7d
     """
     from tiercache.admin import inspect as I
 
@@ -446,7 +480,7 @@ def clear(ctx, dir, namespace, yes, table):
 
     Namespace descriptions are kept, so a running server keeps working.
 
-    Example: tiercache clear ~/.cache/tiercache --yes
+    Example: tiercache clear ~/.cache/tiercache/store --yes
     """
     with open_store(dir, write=True) as store:
         view, ns = _view_and_ns(store, namespace)
@@ -467,20 +501,23 @@ def clear(ctx, dir, namespace, yes, table):
 @click.argument("dir")
 @click.argument("id")
 @click.argument("out", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--follow-symlinks", is_flag=True,
+              help="If OUT is a symlink, write its target (refused by default).")
 @table_option
 @click.pass_context
-def export_cmd(ctx, dir, id, out, table):
+def export_cmd(ctx, dir, id, out, follow_symlinks, table):
     """Write stored prefix ID as an mlx-lm prompt-cache file (OUT.safetensors).
 
     mlx_lm.models.cache.load_prompt_cache reads it; the file's metadata carries
-    the token ids, the namespace and the tiercache format.
+    the token ids, the namespace and the tiercache format. OUT is written to a
+    temp file and renamed; OUT inside any tiercache store is refused.
 
-    Example: tiercache export ~/.cache/tiercache 3fa2c81d prompt.safetensors
+    Example: tiercache export ~/.cache/tiercache/store 3fa2c81d prompt.safetensors
     """
     from tiercache.admin.interop import export_mlx_lm
 
     with open_store(dir) as store:
-        res = export_mlx_lm(store, id, out)
+        res = export_mlx_lm(store, id, out, follow_symlinks=follow_symlinks)
     data = dict(vars(res))
     emit(data, _want_table(ctx, table), lambda d: print_table(
         [("file", "path"), ("tokens", "tokens"), ("namespace", "namespace"), ("size", "s")],
@@ -495,8 +532,7 @@ def export_cmd(ctx, dir, id, out, table):
 @click.option("--tokens", default=None, metavar="JSON",
               help="Token ids the cache holds: a JSON list, or a file holding one "
                    "(default: the ids recorded by `tiercache export`).")
-@click.option("--block-size", type=click.IntRange(min=1), default=None,
-              help="Block size when DIR is a new store (default 256).")
+@setting_option("block_size")
 @table_option
 @click.pass_context
 def import_cmd(ctx, dir, file, model, tokens, block_size, table):
@@ -505,7 +541,7 @@ def import_cmd(ctx, dir, file, model, tokens, block_size, table):
     Only mlx-lm cache classes on tiercache's allow-list are ever built from the
     file. Creates DIR as a new store if it doesn't exist.
 
-    Example: tiercache import ~/.cache/tiercache prompt.safetensors --model ./demo-model
+    Example: tiercache import ~/.cache/tiercache/store prompt.safetensors --model ./demo-model
     """
     from tiercache.admin.interop import import_mlx_lm
 
@@ -529,11 +565,9 @@ def import_cmd(ctx, dir, file, model, tokens, block_size, table):
               help="The local mlx-lm model folder to prefill with.")
 @click.option("--prompts", required=True, type=click.Path(dir_okay=False, path_type=str),
               help='JSONL: {"messages": [...]} (chat template applied), {"text": "..."} or plain strings.')
-@click.option("--prefill-step-size", type=click.IntRange(min=1), default=2048, show_default=True,
-              help="Tokens per prefill step; use the server's value so hybrid models hit exactly.")
-@click.option("--block-size", type=click.IntRange(min=1), default=None,
-              help="Block size when DIR is a new store (default 256).")
-@click.option("--disk-bytes", type=SIZE, default=None, metavar="SIZE", help="Disk budget to keep while warming.")
+@setting_option("prefill_step_size")  # the server's variable too, so hybrid models hit exactly
+@setting_option("block_size")
+@setting_option("disk_bytes")
 @table_option
 @click.pass_context
 def warm(ctx, dir, model_path, prompts, prefill_step_size, block_size, disk_bytes, table):
@@ -544,13 +578,13 @@ def warm(ctx, dir, model_path, prompts, prefill_step_size, block_size, disk_byte
     chunking, so restores are exact for hybrid models too) and saved. A request
     for the prompt then restores all but its last token from disk.
 
-    Example: tiercache warm ~/.cache/tiercache --model ./demo-model --prompts prompts.jsonl
+    Example: tiercache warm ~/.cache/tiercache/store --model ./demo-model --prompts prompts.jsonl
     """
     import mlx.core as mx
     import mlx_lm
     from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
 
-    from tiercache.tiers.checkpoints import CheckpointPolicy, last_user_message_start, prefill_with_checkpoints
+    from tiercache.tiers.checkpoints import CheckpointPolicy, prefill_with_checkpoints
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -561,6 +595,8 @@ def warm(ctx, dir, model_path, prompts, prefill_step_size, block_size, disk_byte
 
     from tiercache.store.namespaces import model_namespace
 
+    if disk_bytes == 0:  # one meaning everywhere: the server refuses 0 the same way
+        raise click.BadParameter("must be greater than 0 (omit it for no budget)", param_hint="--disk-bytes")
     items = read_prompts(prompts)
     t0 = time.time()
     model, tokenizer = mlx_lm.load(model_path)
@@ -574,7 +610,8 @@ def warm(ctx, dir, model_path, prompts, prefill_step_size, block_size, disk_byte
         with progress:
             task = progress.add_task("warm", total=len(items))
             for item in items:
-                toks = prompt_tokens(tokenizer, item)
+                rendered = prompt_tokens(tokenizer, item, need_user_start=True)
+                toks = rendered.tokens
                 target = toks[:-1]
                 if not target:
                     summary["skipped_short"] += 1
@@ -590,9 +627,7 @@ def warm(ctx, dir, model_path, prompts, prefill_step_size, block_size, disk_byte
                     else:
                         # Recurrent state depends on where prefill splits: split and
                         # snapshot exactly where the server would (checkpoints.py).
-                        user_start = 0
-                        if "messages" in item:
-                            user_start = last_user_message_start(tokenizer, item["messages"])
+                        user_start = rendered.user_start
                         policy = CheckpointPolicy(min_tokens=store.block_size)
                         stops = policy.stops(prompt_len=len(toks), user_start=user_start, trimmable=False)
                         stops = sorted(set(stops) | {len(target)})

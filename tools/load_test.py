@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 
+from tiercache.settings import parse_size
 from tiercache.tools.server_process import ServerProcess
 
 
@@ -53,12 +54,6 @@ def pct(values: list[float], q: float) -> float | None:
         return None
     v = sorted(values)
     return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))]
-
-
-def parse_size(text: str) -> int:
-    from tiercache.server.config import parse_size as ps
-
-    return ps(text)
 
 
 class Stats:

@@ -7,22 +7,34 @@ from pathlib import Path
 
 
 def chat_messages(messages: list, where: str) -> list[dict]:
-    """``[{"role", "content"}]`` with string contents, exactly as the server renders a
-    request's messages (same validation; text parts joined), so warmed tokens match."""
+    """Chat-template dicts exactly as the server renders a request's messages (same
+    validation; text parts joined; tool-call arguments parsed), so warmed tokens match."""
     from pydantic import ValidationError
 
     from tiercache.server.schemas import ChatMessage
 
     try:
-        parsed = [ChatMessage.model_validate(m) for m in messages]
-        return [{"role": m.role, "content": m.text()} for m in parsed]
+        return [ChatMessage.model_validate(m).to_template() for m in messages]
     except (ValidationError, ValueError) as exc:
         first = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
         raise ValueError(f"{where}: bad chat messages: {first}") from None
 
 
+def chat_tools(tools: list, where: str) -> list[dict]:
+    """OpenAI function tools exactly as the server passes them to the template."""
+    from pydantic import ValidationError
+
+    from tiercache.server.schemas import Tool
+
+    try:
+        return [Tool.model_validate(t).to_template() for t in tools]
+    except ValidationError as exc:
+        raise ValueError(f"{where}: bad tools: {exc.errors()[0]['msg']}") from None
+
+
 def read_prompts(path: str) -> list[dict]:
-    """Prompts from a JSONL file: ``{"messages": [...]}``, ``{"text": "..."}``, a JSON
+    """Prompts from a JSONL file: ``{"messages": [...]}`` (optionally with ``"tools"``
+    and ``"chat_template_kwargs"``, as in a chat request), ``{"text": "..."}``, a JSON
     string, or (for a line that isn't JSON) the line itself as plain text."""
     out = []
     p = Path(path)
@@ -40,7 +52,13 @@ def read_prompts(path: str) -> list[dict]:
         if isinstance(obj, str):
             out.append({"text": obj})
         elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
-            out.append({"messages": chat_messages(obj["messages"], f"{path}:{i}")})
+            where = f"{path}:{i}"
+            kwargs = obj.get("chat_template_kwargs") or {}
+            if not isinstance(kwargs, dict):
+                raise ValueError(f"{where}: chat_template_kwargs must be an object")
+            out.append({"messages": chat_messages(obj["messages"], where),
+                        "tools": chat_tools(obj.get("tools") or [], where) or None,
+                        "template_kwargs": kwargs})
         elif isinstance(obj, dict) and isinstance(obj.get("text", obj.get("prompt")), str):
             out.append({"text": obj.get("text", obj.get("prompt"))})
         else:
@@ -48,16 +66,19 @@ def read_prompts(path: str) -> list[dict]:
     return out
 
 
-def prompt_tokens(tokenizer, prompt: dict) -> list[int]:
-    """Tokens exactly as the server makes them (chat template + generation prompt)."""
-    if "messages" in prompt:
-        msgs = prompt["messages"]
-        if getattr(tokenizer, "has_chat_template", False):
-            out = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-            if isinstance(out, dict) or hasattr(out, "keys"):
-                out = out["input_ids"]
-            return [int(t) for t in out]
-        text = "\n".join(f"{m['role']}: {m['content']}" for m in msgs) + "\nassistant:"
-        return list(tokenizer.encode(text))
-    return list(tokenizer.encode(prompt["text"]))
+def prompt_tokens(tokenizer, prompt: dict, need_user_start: bool = False):
+    """Tokens exactly as the server makes them (:func:`tiercache.chat.render_chat`).
 
+    Returns:
+        A :class:`tiercache.chat.RenderedPrompt` (``user_start`` 0 for plain text).
+
+    Raises:
+        ValueError: If the chat cannot be rendered.
+    """
+    from tiercache.chat import RenderedPrompt, render_chat
+
+    if "messages" in prompt:
+        return render_chat(tokenizer, prompt["messages"], tools=prompt.get("tools"),
+                           template_kwargs=prompt.get("template_kwargs"),
+                           need_user_start=need_user_start)
+    return RenderedPrompt(list(tokenizer.encode(prompt["text"])), 0)

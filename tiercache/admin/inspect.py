@@ -56,14 +56,13 @@ def load_view(store: DiskStore) -> StoreView:
     view = StoreView()
     ix = store.index
     with ix.read() as txn:
-        for rid, raw in ix.iter_records(txn):
-            try:
-                view.records[rid] = Record.decode(rid, raw)
-            except ValueError:
+        for rid, rec in ix.scan(txn):
+            if rec is not None:
+                view.records[rid] = rec
+            else:
                 view.undecodable += 1
-        cur = txn.cursor(db=ix.children)
-        for parent, child in cur.iternext(keys=True, values=True):
-            view.children.setdefault(bytes(parent), []).append(bytes(child))
+        for parent, child in ix.child_links(txn):
+            view.children.setdefault(parent, []).append(child)
         view.namespaces = ix.all_namespaces(txn)
         view.total_bytes = ix.total_bytes(txn)
     return view
@@ -303,7 +302,7 @@ def store_stats(store: DiskStore, view: StoreView, budget: int | None = None) ->
     total["undecodable_records"] = view.undecodable
     settings = store.settings()
     if budget is None:
-        budget = settings.get("disk_bytes")
+        budget = store.recorded_budget()
     total["budget_bytes"] = budget
     total["budget_used"] = round(view.total_bytes / budget, 4) if budget else None
     return {

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,11 +26,14 @@ from typing import Any, Sequence
 import mlx.core as mx
 from mlx.utils import tree_unflatten
 
+from ..errors import TiercacheError
 from ..store import layers as L
 from ..store.disk import DiskStore, RestorePlan, SaveResult
 from ..store.hashing import FORMAT_VERSION, model_files_fingerprint
+from ..store.blockfile import TEMP_MARK
 from ..store.index import Record
-from ..store.namespaces import model_namespace, probe_layer_desc
+from ..store.layout import INDEX_DIR
+from ..store.namespaces import model_namespace, probe_layout
 from .inspect import chain_tokens, load_view, plan_for, resolve_id
 
 EXPORT_TAG = "export"
@@ -45,7 +49,7 @@ _STATE_LEN = {
 }
 
 
-class InteropError(ValueError):
+class InteropError(TiercacheError, ValueError):
     """A prompt-cache file can't be exported or imported."""
 
 
@@ -89,21 +93,83 @@ def _plan_and_tokens(store: DiskStore, what: Any) -> tuple[RestorePlan, list[int
     return plan, chain_tokens(plan.records)[: plan.n_tokens]
 
 
-def export_mlx_lm(store: DiskStore, what: Any, out_path: str | os.PathLike) -> ExportResult:
+def _store_holding(folder: Path) -> Path | None:
+    """The tiercache store a folder is in (itself or an ancestor has an index)."""
+    for d in (folder, *folder.parents):
+        if (d / INDEX_DIR).exists():
+            return d
+    return None
+
+
+def _export_target(out_path: str | os.PathLike, follow_symlinks: bool) -> Path:
+    """Where an export may write: never inside a store, never through a symlink
+    unless asked (then the link's target is checked instead)."""
+    out = str(out_path)
+    if not out.endswith(".safetensors"):
+        out += ".safetensors"
+    path = Path(os.path.abspath(out))
+    if path.is_symlink():
+        if not follow_symlinks:
+            raise InteropError(
+                f"{path} is a symlink: refusing to write through it (--follow-symlinks to do so)"
+            )
+        path = Path(os.path.realpath(path))
+    if path.is_dir():
+        raise InteropError(f"{path} is a folder")
+    # Resolve the folder (symlinked folders included): a store reached through
+    # a link is still a store.
+    store_dir = _store_holding(Path(os.path.realpath(path.parent)))
+    if store_dir is not None:
+        raise InteropError(f"{path} is inside a tiercache store ({store_dir}): export elsewhere")
+    return path
+
+
+def _save_atomically(path: Path, cache: list, meta: dict) -> None:
+    """Writes the file under a temp name in its folder, fsyncs it and renames it
+    into place, so the destination holds the old file or the whole new one."""
+    import mlx_lm.models.cache as mlc
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}.safetensors")
+    try:
+        mlc.save_prompt_cache(str(tmp), cache, meta)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def export_mlx_lm(
+    store: DiskStore, what: Any, out_path: str | os.PathLike, *, follow_symlinks: bool = False
+) -> ExportResult:
     """Writes a stored prefix as an mlx-lm prompt-cache ``.safetensors`` file.
+
+    The file is written to a temp name next to the destination and renamed into
+    place. Destinations inside any tiercache store are refused (an export there
+    could overwrite a live block), and so is a symlink at the destination unless
+    ``follow_symlinks`` is set.
 
     Args:
         store: the store (read-only is fine).
         what: a :class:`Record`, a :class:`RestorePlan`, or a record id (bytes, or
             hex / a unique hex prefix of at least 8 digits).
-        out_path: the file to write (mlx adds ``.safetensors`` if missing).
+        out_path: the file to write (``.safetensors`` is added if missing).
+        follow_symlinks: write to the target of a symlink at ``out_path``.
 
     Raises:
-        InteropError / ValueError: unknown id, broken chain, unrestorable record.
+        InteropError / ValueError: unknown id, broken chain, unrestorable record,
+            or a destination refused as above.
         RestoreError: a block file is missing or corrupt.
     """
-    from mlx_lm.models.cache import save_prompt_cache
-
+    target = _export_target(out_path, follow_symlinks)
     plan, tokens = _plan_and_tokens(store, what)
     if plan.n_tokens == 0:
         raise InteropError("nothing to export: the prefix holds no tokens")
@@ -124,12 +190,8 @@ def export_mlx_lm(store: DiskStore, what: Any, out_path: str | os.PathLike) -> E
         "tokens": json.dumps(tokens, separators=(",", ":")),
         "model": model or "",
     }
-    out = str(out_path)
-    if not out.endswith(".safetensors"):
-        out += ".safetensors"
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    save_prompt_cache(out, cache, meta)
-    return ExportResult(out, len(tokens), plan.namespace.hex(), Path(out).stat().st_size)
+    _save_atomically(target, cache, meta)
+    return ExportResult(str(target), len(tokens), plan.namespace.hex(), target.stat().st_size)
 
 
 # --- safe reading ------------------------------------------------------------------------
@@ -308,25 +370,29 @@ def import_mlx_lm(
     mp = Path(model_path)
     if not (mp / "config.json").is_file():
         raise InteropError(f"{mp} is not a model folder (no config.json)")
-    ns = None
+    ns, geometry = None, None
     if model is None:
         fp, _ = model_files_fingerprint(mp, store.file_digest)
         for cand in store.namespaces_for_files(fp):
             if store.layer_desc(cand) == desc:
-                ns = cand
+                ns, geometry = cand, store.geometry(cand)
                 break
-        if ns is None:
+        if geometry is None:  # the model's own cache shapes are needed: probe it
             import mlx_lm
 
             model, _ = mlx_lm.load(str(mp))
-    if ns is None:
-        layer_desc = probe_layer_desc(model)
+    if geometry is None:
+        layer_desc, geometry = probe_layout(model)
         if layer_desc != desc:
             raise InteropError(
                 "the file's cache layout does not match the model "
                 f"({_brief(desc)} vs {_brief(layer_desc)}): was it made with another model?"
             )
-        ns = model_namespace(store, mp, model, layer_desc=layer_desc)
+        ns = None
+    # Everything is checked before anything (the namespace included) is written.
+    _check_geometry(cache, geometry, toks)
+    if ns is None:
+        ns = model_namespace(store, mp, layer_desc=desc, geometry=geometry)
     res: SaveResult = store.save(ns, toks, cache)
     return ImportResult(
         namespace=ns.hex(),
@@ -336,6 +402,30 @@ def import_mlx_lm(
         records_skipped=res.records_skipped,
         source_namespace=meta.get("namespace"),
     )
+
+
+def _check_geometry(cache: list, geometry: dict, tokens: list[int]) -> None:
+    """Refuse arrays whose shapes or dtypes are not the model's own cache layout
+    (another head count or head size would fail every request extending these
+    tokens), and token ids outside the model's vocabulary."""
+    want = geometry.get("layers") or []
+    try:
+        got = L.cache_geometry(cache)
+    except (AttributeError, TypeError, KeyError, ValueError):
+        raise InteropError("the file's cache layers are empty or malformed") from None
+    if len(got) != len(want):
+        raise InteropError(f"the file has {len(got)} cache layers, the model {len(want)}")
+    for li, layer in enumerate(got):
+        for name, g in layer.items():
+            misfit = L.geometry_misfit(want, f"{li}.{name}", g[-1], g[:-1])
+            if misfit:
+                raise InteropError(f"the file does not fit the model: {misfit}")
+    vocab = geometry.get("vocab_size")
+    bad = [t for t in tokens if t < 0 or (vocab is not None and t >= vocab)]
+    if bad:
+        raise InteropError(
+            f"token id {bad[0]} is outside the model's vocabulary (0..{(vocab or 2**32) - 1})"
+        )
 
 
 def _brief(desc: list) -> str:

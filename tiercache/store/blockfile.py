@@ -9,6 +9,7 @@ as they go, so a restore is one pass over the bytes. The files are plain safeten
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import secrets
@@ -20,6 +21,8 @@ from typing import Iterable, Sequence
 import mlx.core as mx
 import numpy as np
 import xxhash
+
+from ..errors import TiercacheError
 
 TEMP_MARK = ".tmp-"
 FILE_MODE = 0o600
@@ -44,7 +47,7 @@ _DTYPES = {
 _BY_NAME = {name: (dt, npdt) for dt, (name, npdt) in _DTYPES.items()}
 
 
-class BlockFileError(Exception):
+class BlockFileError(TiercacheError):
     """A file is missing, truncated, corrupt or not in the expected layout."""
 
 
@@ -194,18 +197,46 @@ def write_tensor_file(
     return size, h.intdigest()
 
 
+def write_bytes_file(path: Path, data: bytes) -> None:
+    """Writes a file's bytes durably, as :func:`write_tensor_file` does (temp name,
+    fsync, rename, fsync dir): records copied from another store keep their bytes."""
+    make_private_dirs(path.parent)
+    if path.parent.is_symlink() or path.parent.parent.is_symlink():
+        raise OSError(f"{path.parent} is a symlink; refusing to write through it")
+    tmp = path.with_name(f"{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), FILE_MODE)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
 class HashingReader:
     """Reads a file sequentially into caller buffers while hashing every byte."""
 
-    def __init__(self, path: Path, expected_size: int | None = None):
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
-            self.f = os.fdopen(fd, "rb", buffering=0)
-        except FileNotFoundError:
-            raise BlockFileError(f"missing file {path.name}") from None
-        except OSError as e:  # ELOOP: a symlink where a file should be
-            raise BlockFileError(f"cannot open {path.name}: {e.strerror}") from None
-        size = os.fstat(self.f.fileno()).st_size
+    def __init__(self, path: Path | None, expected_size: int | None = None, *, stream=None):
+        if stream is not None:
+            # Bytes already in memory (a remote record): same checks, same hashing.
+            self.f = stream
+            size = len(stream.getbuffer())
+        else:
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
+                self.f = os.fdopen(fd, "rb", buffering=0)
+            except FileNotFoundError:
+                raise BlockFileError(f"missing file {path.name}") from None
+            except OSError as e:  # ELOOP: a symlink where a file should be
+                raise BlockFileError(f"cannot open {path.name}: {e.strerror}") from None
+            size = os.fstat(self.f.fileno()).st_size
         if expected_size is not None and size != expected_size:
             self.f.close()
             raise BlockFileError(f"size {size} != recorded {expected_size}")
@@ -228,6 +259,11 @@ class HashingReader:
             raise
         self.data_start = 8 + n
         self.pos = 0  # position inside the data section
+
+    @classmethod
+    def from_bytes(cls, data: bytes, expected_size: int | None = None) -> "HashingReader":
+        """A reader over a file's bytes held in memory (read exactly like a file)."""
+        return cls(None, expected_size, stream=io.BytesIO(data))
 
     def _read_exact(self, n: int) -> bytes:
         data = self.f.read(n)

@@ -13,13 +13,12 @@ the files straight into MLX buffers and verifies every checksum, and
 
 from __future__ import annotations
 
-import heapq
 import json
 import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Sequence
@@ -27,10 +26,12 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
+from ..errors import TiercacheError
 from . import layers as L
 from .blockfile import (
     DIR_MODE,
     TensorSource,
+    write_bytes_file,
     write_tensor_file,
 )
 from .hashing import (
@@ -44,18 +45,17 @@ from .hashing import (
     pack_tokens,
     packed_block_hashes,
 )
-from .index import KIND_BLOCK, KIND_CHECKPOINT, KIND_TAIL, Index, IndexError_, Record
+from .index import INDEX_LAYOUT, KIND_BLOCK, KIND_CHECKPOINT, KIND_TAIL, Index, IndexError_, Record
 from .lookup import RestorePlan, find_longest_prefix
+from .recent import StoredSnapshot, recent_snapshots
 from .restore import RestoreError, read_plan
 from .check import check_store
-from .layout import BLOCKS_DIR, CHECKPOINTS_DIR, INDEX_DIR
+from .layout import BLOCKS_DIR, CHECKPOINTS_DIR, DEFAULT_BLOCK_SIZE, INDEX_DIR
 
 log = logging.getLogger("tiercache.store.disk")
 
-DEFAULT_BLOCK_SIZE = 256
 
-
-class StoreError(Exception):
+class StoreError(TiercacheError):
     """The folder is not a usable tiercache store (wrong format, settings mismatch...)."""
 
 
@@ -74,6 +74,8 @@ class SaveResult:
     bytes_written: int = 0
     records_skipped: int = 0
     evicted: int = 0
+    written: list = field(default_factory=list)
+    """The records this save added to the index (a remote tier pushes them)."""
 
 
 class DiskStore:
@@ -128,16 +130,25 @@ class DiskStore:
             raise StoreError(str(e)) from None
         try:
             self.block_size = self._check_format(block_size)
+            if not readonly and self.index.migrate():
+                log.info("migrated the index of %s to layout %d", self.path, INDEX_LAYOUT)
         except BaseException:
             self.index.close()
             raise
         self.disk_bytes = disk_bytes
         self.readonly = readonly
         self._desc_cache: dict[bytes, list] = {}
+        self._geo_cache: dict[bytes, dict] = {}
         self._touch_lock = threading.Lock()
         self._touches: dict[bytes, list] = {}
         self._save_lock = threading.Lock()
-        self.counters = {"corrupt_records": 0, "evicted_records": 0, "evicted_bytes": 0}
+        self.counters = {
+            "corrupt_records": 0,
+            "evicted_records": 0,
+            "evicted_bytes": 0,
+            "bytes_written": 0,
+            "records_written": 0,
+        }
         self._closed = False
 
     # --- settings ---------------------------------------------------------------------
@@ -183,9 +194,20 @@ class DiskStore:
     # --- namespaces ---------------------------------------------------------------------
 
     def register_namespace(
-        self, files_fingerprint: bytes, layer_desc: list, description: dict | None = None
+        self,
+        files_fingerprint: bytes,
+        layer_desc: list,
+        description: dict | None = None,
+        geometry: dict | None = None,
     ) -> Namespace:
-        """Records a model + cache layout and returns its namespace id."""
+        """Records a model + cache layout and returns its namespace id.
+
+        Args:
+            geometry: shapes and vocabulary size of the model's cache (see
+                :func:`tiercache.store.namespaces.probe_layout`); recorded with the
+                namespace, also for one registered before without it. Restores and
+                ``check`` refuse stored tensors that don't fit it.
+        """
         ns = namespace_id(files_fingerprint, layer_desc, self.block_size)
         with self.index.read() as txn:
             known = self.index.get_namespace(txn, ns)
@@ -199,9 +221,28 @@ class DiskStore:
                 "mlx_lm_version": _version("mlx-lm"),
                 "model": description or {},
             }
+            if geometry is not None:
+                desc["geometry"] = geometry
             self.index.write(lambda txn: self.index.put_namespace(txn, ns, desc, files_fingerprint))
+        elif known is not None and geometry is not None and not self.readonly:
+            had = known.get("geometry") or {}
+            if {**geometry, **had} != had:  # add what is missing, never change what is there
+                known["geometry"] = {**geometry, **had}
+                self.index.write(lambda txn: self.index.put_namespace(txn, ns, known, files_fingerprint))
+                self._geo_cache.pop(ns, None)
         self._desc_cache[ns] = list(layer_desc)
         return ns
+
+    def geometry(self, ns: bytes) -> dict | None:
+        """The namespace's recorded cache geometry, or None (registered without a model)."""
+        if ns not in self._geo_cache:
+            with self.index.read() as txn:
+                d = self.index.get_namespace(txn, ns)
+            geo = (d or {}).get("geometry")
+            if not isinstance(geo, dict):
+                return None  # not cached: a later registration may record it
+            self._geo_cache[ns] = geo
+        return self._geo_cache[ns]
 
     def namespaces_for_files(self, files_fingerprint: bytes) -> list[Namespace]:
         """Namespaces stored for a model's files (one per cache layout / dtype)."""
@@ -229,7 +270,7 @@ class DiskStore:
         key = f"{real}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}".encode()
         try:
             with self.index.read() as txn:
-                known = txn.get(key, db=self.index.filehash)
+                known = self.index.get_file_digest(txn, key)
         except Exception:  # a store created before this sub-database: just hash
             known = None
         if known is not None and len(known) == 16:
@@ -237,7 +278,7 @@ class DiskStore:
         digest = file_digest(Path(real))
         if not self.readonly:
             try:
-                self.index.write(lambda txn: txn.put(key, digest, db=self.index.filehash))
+                self.index.write(lambda txn: self.index.put_file_digest(txn, key, digest))
             except Exception as e:  # remembering is an optimisation only
                 log.debug("could not remember a file digest: %s", e)
         return digest
@@ -376,15 +417,83 @@ class DiskStore:
                     pass
 
     def _commit(self, new: list[Record], result: SaveResult) -> None:
+        """Commits a save's records (in chain order) and takes back the files of
+        those that could not be attached.
+
+        Which blocks exist was read before the files were written; a ``clear`` or
+        an eviction may have removed some since. Parents are therefore checked
+        again inside the commit: a record whose parent block is gone would be
+        unreachable, so it and everything after it are dropped, with their files.
+        """
         if not new:
             return
 
         def fn(txn):
-            return [r for r in new if self.index.insert(txn, r)]
+            added, dropped = [], []
+            for r in new:
+                parent = self.index.get(txn, r.parent) if r.start else None
+                if r.start and (parent is None or parent.kind != KIND_BLOCK):
+                    dropped.append(r)  # its children find their parent missing too
+                elif self.index.insert(txn, r):
+                    added.append(r)
+            # A dropped id another writer stored meanwhile owns its (identical) file.
+            return added, [r for r in dropped if not self.index.has(txn, r.id)]
 
-        added = self.index.write(fn)
+        added, dropped = self.index.write(fn)
+        if dropped:
+            log.info("save: %d records lost their parent to a concurrent removal; not stored", len(dropped))
+        for r in dropped:
+            try:
+                self.file_path(r).unlink()
+            except FileNotFoundError:
+                pass
         result.records_written += len(added)
         result.bytes_written += sum(r.nbytes for r in added)
+        self.counters["records_written"] += len(added)
+        self.counters["bytes_written"] += sum(r.nbytes for r in added)
+        result.written.extend(added)
+
+    def adopt_records(self, ns: Namespace, items: Sequence[tuple[Record, bytes]]) -> SaveResult:
+        """Stores records verified elsewhere (a remote tier's hit) with their file bytes.
+
+        The caller has checked every record (tokens, chain id, checksum); records
+        already stored are skipped. Files are durable before the index commit, as
+        in :meth:`save`.
+
+        Args:
+            ns: a registered namespace; every record must belong to it.
+            items: ``(record, file bytes)`` in chain order (parents first).
+
+        Returns:
+            What was written.
+
+        Raises:
+            ValueError: if the namespace is unknown or a record belongs to another.
+        """
+        if self.layer_desc(ns) is None:
+            raise ValueError("unknown namespace: register it first")
+        result = SaveResult()
+        with self._save_lock:
+            with self.index.read() as txn:
+                todo = [(r, b) for r, b in items if self.index.get(txn, r.id) is None]
+            result.records_skipped = len(items) - len(todo)
+            new: list[Record] = []
+            try:
+                now = time.time()
+                for rec, data in todo:
+                    if rec.namespace != ns or len(data) != rec.nbytes:
+                        raise ValueError("record does not match its namespace or bytes")
+                    rec = Record(rec.id, rec.kind, ns, rec.parent, rec.nbytes, rec.checksum,
+                                 now, now, 0, rec.position, rec.tokens)
+                    write_bytes_file(self.file_path(rec), data)
+                    new.append(rec)
+                self._commit(new, result)
+            except BaseException:
+                self._discard_uncommitted(new)
+                raise
+        if self.disk_bytes is not None:
+            result.evicted = len(self.evict_to(self.disk_bytes))
+        return result
 
     # --- lookup and restore -------------------------------------------------------------
 
@@ -415,9 +524,11 @@ class DiskStore:
         """Builds mlx-lm cache objects for a plan, verifying every file.
 
         Raises:
-            RestoreError: a file is missing, truncated or fails its checksum.
+            RestoreError: a file is missing, truncated or fails its checksum, or
+                holds tensors that don't fit the namespace's geometry.
         """
-        return read_plan(plan, self.file_path)
+        geo = self.geometry(plan.namespace)
+        return read_plan(plan, self.file_path, geo.get("layers") if geo else None)
 
     def fetch(
         self,
@@ -513,47 +624,30 @@ class DiskStore:
         return removed
 
     def eviction_order(self) -> list[Record]:
-        """Every record in the order eviction would take them: LRU among leaves."""
+        """Every record in the order eviction would take them: LRU among leaves.
+
+        Runs the real eviction in a transaction that is then aborted.
+        """
         self.flush_touches()
-        with self.index.read() as txn:
-            recs = {}
-            for rid, raw in self.index.iter_records(txn):
-                try:
-                    recs[rid] = Record.decode(rid, raw)
-                except ValueError:
-                    continue
-        n_children: dict[bytes, int] = {}
-        for r in recs.values():
-            n_children[r.parent] = n_children.get(r.parent, 0) + 1
-        # Deeper first on equal times so a snapshot's own chain goes leaf to root.
-        heap = [(r.last_access, -r.position, r.id) for r in recs.values() if not n_children.get(r.id)]
-        heapq.heapify(heap)
-        order = []
-        while heap:
-            _, _, rid = heapq.heappop(heap)
-            rec = recs[rid]
-            order.append(rec)
-            p = rec.parent
-            if p in n_children:
-                n_children[p] -= 1
-                if n_children[p] == 0 and p in recs:
-                    pr = recs[p]
-                    heapq.heappush(heap, (pr.last_access, -pr.position, p))
-        return order
+        return self.index.dry_run(lambda txn: self.index.evict_lru(txn, -1))
 
     def evict_to(self, target_bytes: int) -> list[Record]:
-        """Evicts least recently used leaves until stored bytes <= target."""
+        """Evicts least recently used leaves until stored bytes <= target.
+
+        Victims are chosen and removed in one transaction, reading only the first
+        keys of the index's eviction order: the cost grows with what is evicted,
+        not with the size of the store.
+        """
         with self.index.read() as txn:
-            total = self.index.total_bytes(txn)
-        if total <= target_bytes:
-            return []
-        victims = []
-        for rec in self.eviction_order():
-            if total <= target_bytes:
-                break
-            victims.append(rec.id)
-            total -= rec.nbytes
-        removed = self.remove_records(victims)
+            if self.index.total_bytes(txn) <= target_bytes:
+                return []
+        self.flush_touches()  # exact LRU: queued access times count
+        removed = self.index.write(lambda txn: self.index.evict_lru(txn, target_bytes))
+        for rec in removed:
+            try:
+                self.file_path(rec).unlink()
+            except FileNotFoundError:
+                pass
         self.counters["evicted_records"] += len(removed)
         self.counters["evicted_bytes"] += sum(r.nbytes for r in removed)
         return removed
@@ -561,17 +655,36 @@ class DiskStore:
     def clear(self, namespace: bytes | None = None) -> int:
         """Removes every record (of one namespace). Returns how many."""
         with self.index.read() as txn:
-            ids = []
-            for rid, raw in self.index.iter_records(txn):
-                if namespace is None:
-                    ids.append(rid)
-                    continue
-                try:
-                    if Record.decode(rid, raw).namespace == namespace:
-                        ids.append(rid)
-                except ValueError:
-                    ids.append(rid)
+            ids = [
+                rid
+                for rid, rec in self.index.scan(txn)
+                if namespace is None or rec is None or rec.namespace == namespace
+            ]
         return len(self.remove_records(ids))
+
+    # --- prewarm -----------------------------------------------------------------------
+
+    def recent_snapshots(
+        self, namespace: bytes, budget: int, salt: str | bytes | None = None
+    ) -> list[StoredSnapshot]:
+        """The most recently used snapshots of a namespace, newest first, within
+        ``budget`` bytes of files; see :func:`tiercache.store.recent.recent_snapshots`."""
+        with self.index.read() as txn:
+            return recent_snapshots(
+                self.index, txn, namespace, self.layer_desc(namespace), self.block_size, budget, salt
+            )
+
+    # --- budget record ------------------------------------------------------------------
+
+    def record_budget(self) -> None:
+        """Remembers this store's budget in the index, for ``tiercache stats``."""
+        if not self.readonly:
+            self.index.write(lambda txn: self.index.put_budget(txn, self.disk_bytes))
+
+    def recorded_budget(self) -> int | None:
+        """The budget the last process that serves from this store set (None: unlimited)."""
+        with self.index.read() as txn:
+            return self.index.get_budget(txn)
 
     # --- stats and maintenance ----------------------------------------------------------
 
@@ -581,7 +694,7 @@ class DiskStore:
 
     def n_records(self) -> int:
         with self.index.read() as txn:
-            return txn.stat(self.index.records)["entries"]
+            return self.index.n_records(txn)
 
     def stats(self) -> dict:
         """Cheap summary: records, bytes, budget (no scan)."""

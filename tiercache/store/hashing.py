@@ -144,7 +144,12 @@ def packed_block_hashes(root: BlockHash, packed: bytes, block_size: int) -> list
 
 def checkpoint_id(parent: BlockHash, tail_tokens: Sequence[int]) -> bytes:
     """Id of a checkpoint/tail record: the block it hangs from plus its tail tokens."""
-    return _digest(b"ckpt" + parent + pack_tokens(tail_tokens))
+    return packed_checkpoint_id(parent, pack_tokens(tail_tokens))
+
+
+def packed_checkpoint_id(parent: BlockHash, packed_tail: bytes) -> bytes:
+    """:func:`checkpoint_id` of tail tokens already packed by :func:`pack_tokens`."""
+    return _digest(b"ckpt" + parent + packed_tail)
 
 
 _HF_BLOB = 64  # hex digits of the sha256 a Hugging Face cache names its blobs by

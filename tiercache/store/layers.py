@@ -24,7 +24,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models import cache as mlc
 
-from .blockfile import as_numpy, dtype_name
+from ..errors import TiercacheError
+from .blockfile import as_numpy, dtype_name, mx_dtype
 
 SPLITTABLE = ("KVCache", "QuantizedKVCache", "ConcatenateKVCache")
 
@@ -44,7 +45,7 @@ ALLOWED_CLASSES = {
 }
 
 
-class UnsupportedCacheError(ValueError):
+class UnsupportedCacheError(TiercacheError, ValueError):
     """A cache layer class we don't know how to store."""
 
 
@@ -106,6 +107,40 @@ def to_host(prompt_cache: list) -> list[HostLayer]:
     return result
 
 
+def from_host(host: list[HostLayer], n_tokens: int) -> list:
+    """Rebuilds mlx-lm cache objects from :func:`to_host` views, holding ``n_tokens``.
+
+    The inverse of ``to_host`` followed by a restore of the first ``n_tokens``
+    tokens: splittable layers get their first ``n_tokens`` rows copied into new
+    buffers rounded up to :data:`ROW_STEP` rows (zeros after), exactly as a disk
+    restore builds them; checkpoint layers are rebuilt whole, so ``n_tokens``
+    must then be the length the snapshot holds. Runs on the MLX thread; the views
+    are only read, so the writer may read them at the same time.
+    """
+    n_alloc = -(-n_tokens // ROW_STEP) * ROW_STEP
+    cache: list = []
+    for h in host:
+        if not is_splittable(h.desc):
+            tensors = {name: _host_to_mx(dt, v) for name, (dt, v) in h.arrays.items()}
+            cache.append(decode_state(h.meta, tensors))
+            continue
+        rows = n_tokens if h.desc["class"] == "ConcatenateKVCache" else n_alloc
+        arrays = {}
+        for suffix, (dt, v) in h.arrays.items():
+            dest = mx.empty((v.shape[0], v.shape[1], rows, v.shape[3]), dtype=mx_dtype(dt))
+            view = as_numpy(dest)
+            view[:, :, :n_tokens] = v[:, :, :n_tokens]
+            view[:, :, n_tokens:] = 0  # never expose stale allocator memory
+            arrays[suffix] = dest
+        cache.append(build_splittable(h.desc, arrays, n_tokens))
+    return cache
+
+
+def _host_to_mx(dt: str, v: np.ndarray) -> mx.array:
+    a = mx.array(v)
+    return a.view(mx.bfloat16) if mx_dtype(dt) == mx.bfloat16 else a
+
+
 def _class_name(layer: Any) -> str:
     name = type(layer).__name__
     if name not in ALLOWED_CLASSES or type(layer) is not ALLOWED_CLASSES[name]:
@@ -144,6 +179,56 @@ def describe_layer(layer: Any) -> dict:
 def describe_cache(cache: list) -> list[dict]:
     """Descriptions of every layer of a prompt cache (part of the namespace)."""
     return [describe_layer(c) for c in cache]
+
+
+def _tensor_geometry(name: str, dtype: str, shape) -> list:
+    """``[dims..., dtype]`` of one stored tensor; the sequence axis (axis 2 of K/V
+    tensors) is ``-1``. ArraysCache arrays (names ``a<j>``) have no sequence axis."""
+    dims = [int(x) for x in shape]
+    if not name.rpartition(".")[2].startswith("a") and len(dims) == 4:
+        dims[2] = -1
+    return dims + [dtype]
+
+
+def layer_geometry(layer: Any) -> dict[str, list]:
+    """Shapes and dtypes of the tensors a layer is stored as, by tensor name as it
+    appears in block files after the layer index (``k``, ``v``, ``s.<state name>``).
+
+    Part of a namespace's description: a file whose tensors don't fit it (another
+    head count or head size) must never be restored into the model.
+    """
+    if isinstance(layer, HostLayer):
+        named = [(n, dt, v.shape) for n, (dt, v) in layer.arrays.items()]
+        split = is_splittable(layer.desc)
+    elif is_splittable(describe_layer(layer)):
+        named, split = [(n, dtype_name(a.dtype), a.shape) for n, a in _kv_arrays(layer)], True
+    else:
+        tensors, _ = encode_state(layer)
+        named, split = [(n, dtype_name(a.dtype), a.shape) for n, a in tensors.items()], False
+    return {
+        (n if split else f"s.{n}"): _tensor_geometry(n, dt, shape) for n, dt, shape in named
+    }
+
+
+def cache_geometry(cache: list) -> list[dict[str, list]]:
+    """:func:`layer_geometry` of every layer of a prompt cache."""
+    return [layer_geometry(c) for c in cache]
+
+
+def geometry_misfit(layers: list[dict], name: str, dtype: str, shape) -> str | None:
+    """Why a stored tensor ``name`` (``<layer>.<suffix>``) doesn't fit a namespace's
+    geometry, or None when it fits."""
+    li, _, suffix = name.partition(".")
+    try:
+        want = layers[int(li)].get(suffix)
+    except (ValueError, IndexError):
+        want = None
+    if want is None:
+        return f"tensor {name} is not part of the model's cache layout"
+    got = _tensor_geometry(suffix, dtype, shape)
+    if len(got) != len(want) or any(w not in (-1, g) for w, g in zip(want, got)):
+        return f"tensor {name} is {got}, the model's cache layout wants {want}"
+    return None
 
 
 def is_splittable(desc: dict) -> bool:

@@ -105,7 +105,7 @@ def find_longest_prefix(
         parent = root
         for i, h in enumerate(hashes):
             rec = ix.get(txn, h)
-            if rec is None and txn.get(h, db=ix.records) is not None:
+            if rec is None and ix.has(txn, h):
                 plan.damaged.append(h)  # present but undecodable
             if (
                 rec is None

@@ -18,20 +18,31 @@ from mlx_lm.models.cache import make_prompt_cache
 import xxhash
 
 from .hashing import Namespace, adapter_files_fingerprint, model_files_fingerprint
-from .layers import describe_cache
+from .layers import cache_geometry, describe_cache
 
 
-def probe_layer_desc(model: Any) -> list[dict]:
-    """Describes the cache a model builds (class and dtype of every layer).
+def probe_layout(model: Any) -> tuple[list[dict], dict]:
+    """Describe the cache a model builds, and its geometry.
 
     A one-token forward pass is the only reliable way to learn the KV dtype
     (quantized weights, mixed precision and hybrid layers all change it).
+
+    Returns:
+        ``(layer_desc, geometry)``: the class and dtype of every layer (part of
+        the namespace id), and ``{"layers": <shape and dtype of every stored
+        tensor per layer>, "vocab_size": <logits width>}``, which imports,
+        restores and ``verify`` check stored KV against.
     """
     cache = make_prompt_cache(model)
     out = model(mx.array([[0]]), cache=cache)
     mx.eval(out)
     mx.eval(list(cache_arrays(cache)))
-    return describe_cache(cache)
+    return describe_cache(cache), {"layers": cache_geometry(cache), "vocab_size": int(out.shape[-1])}
+
+
+def probe_layer_desc(model: Any) -> list[dict]:
+    """Describe the cache a model builds (class and dtype of every layer)."""
+    return probe_layout(model)[0]
 
 
 def cache_arrays(obj: Any):
@@ -124,6 +135,7 @@ def model_namespace(
     model: Any = None,
     layer_desc=None,
     *,
+    geometry: dict | None = None,
     adapter_path=None,
     draft_model_path=None,
     draft_model: Any = None,
@@ -133,18 +145,24 @@ def model_namespace(
     Args:
         store: a :class:`tiercache.store.disk.DiskStore`.
         model_path: the local model folder.
-        model: the loaded model, used to probe the cache layout when
-            ``layer_desc`` is not given.
-        layer_desc: the cache layout, if already known.
+        model: the loaded model, probed for its cache layout and geometry
+            (recorded with the namespace).
+        layer_desc: the cache layout, when there is no model to probe.
+        geometry: the cache geometry (see :func:`probe_layout`) that goes with
+            ``layer_desc``; without a model or this, none is recorded.
         adapter_path: an adapter applied to the model (part of the fingerprint).
         draft_model_path: a draft model whose cache layers follow the model's.
         draft_model: the loaded draft model (its layers are probed too).
     """
     fp, desc = stack_fingerprint(model_path, adapter_path, draft_model_path, store.file_digest)
-    if layer_desc is None:
-        if model is None:
-            raise ValueError("need the model or its layer description")
-        layer_desc = probe_layer_desc(model)
+    if model is not None:
+        probed, geometry = probe_layout(model)
         if draft_model is not None:
-            layer_desc = layer_desc + probe_layer_desc(draft_model)
-    return store.register_namespace(fp, layer_desc, desc)
+            d_desc, d_geo = probe_layout(draft_model)
+            probed, geometry["layers"] = probed + d_desc, geometry["layers"] + d_geo["layers"]
+        if layer_desc is not None and layer_desc != probed:
+            raise ValueError("the layer description given is not the model's")
+        layer_desc = probed
+    if layer_desc is None:
+        raise ValueError("need the model or its layer description")
+    return store.register_namespace(fp, layer_desc, desc, geometry=geometry)

@@ -17,13 +17,14 @@ from typing import Any, Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
+from ..errors import TiercacheError
 from . import layers as L
 from .blockfile import BlockFileError, HashingReader, as_numpy, mx_dtype, np_dtype
 from .index import Record
 from .lookup import RestorePlan
 
 
-class RestoreError(Exception):
+class RestoreError(TiercacheError):
     """A record's file is missing or corrupt; carries the record."""
 
     def __init__(self, record: Record, reason: str):
@@ -51,15 +52,26 @@ def _prefetch(paths: Sequence[Path]) -> None:
             os.close(fd)
 
 
-def read_plan(plan: RestorePlan, file_path: Callable[[Record], Path]) -> list | None:
+def read_plan(
+    plan: RestorePlan,
+    file_path: Callable[[Record], Path] | None,
+    geometry: list | None = None,
+    open_record: Callable[[Record], HashingReader] | None = None,
+) -> list | None:
     """Builds mlx-lm cache objects for a plan, verifying every file.
 
     Args:
         plan: from :func:`tiercache.store.lookup.find_longest_prefix`.
         file_path: where a record's file lives.
+        geometry: the namespace's per-layer tensor geometry
+            (:func:`tiercache.store.layers.layer_geometry`), when recorded: a
+            tensor that doesn't fit it fails the restore instead of the model.
+        open_record: opens a record's bytes instead of its file (records fetched
+            from a remote store); checked exactly as files are.
 
     Raises:
-        RestoreError: a file is missing, truncated or fails its checksum.
+        RestoreError: a file is missing, truncated, fails its checksum or holds a
+            tensor that doesn't fit ``geometry``.
     """
     if plan.n_tokens == 0:
         return None
@@ -79,11 +91,17 @@ def read_plan(plan: RestorePlan, file_path: Callable[[Record], Path]) -> list | 
     states: dict[str, dict] = {}
     state_arrays: dict[int, dict[str, mx.array]] = {}
     row = 0
-    _prefetch([file_path(r) for r in plan.records])
+    if open_record is None:
+        _prefetch([file_path(r) for r in plan.records])
+
+        def open_record(rec: Record) -> HashingReader:
+            return HashingReader(file_path(rec), rec.nbytes)
+
     for rec in plan.records:
         use = min(rec.n_tokens, n_total - row)
         try:
-            meta = _read_record(file_path(rec), rec, use, row, n_total, split, dests, state_arrays)
+            meta = _read_record(open_record(rec), rec, use, row, n_total, split, dests, state_arrays,
+                                geometry)
         except (BlockFileError, OSError, KeyError, ValueError, TypeError) as e:
             raise RestoreError(rec, str(e)) from None
         if meta is not None:
@@ -104,13 +122,16 @@ def read_plan(plan: RestorePlan, file_path: Callable[[Record], Path]) -> list | 
     return cache
 
 
-def _read_record(path, rec, use, row, n_total, split, dests, state_arrays):
-    """Reads one record's file into the restore buffers; returns its layer states."""
-    r = HashingReader(path, rec.nbytes)
+def _read_record(r, rec, use, row, n_total, split, dests, state_arrays, geometry=None):
+    """Reads one record's file (an open reader) into the restore buffers; returns its
+    layer states."""
     states = None
     try:
         for name in r.tensors_in_order():
             dt, shape, s, e = r.tensor_info(name)
+            misfit = geometry is not None and L.geometry_misfit(geometry, name, dt, shape)
+            if misfit:
+                raise BlockFileError(f"geometry: {misfit}")
             li_str, _, suffix = name.partition(".")
             li = int(li_str)
             r.skip_to(s)

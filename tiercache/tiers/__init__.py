@@ -4,6 +4,6 @@ Also the per-request checkpoint policy that decides what a server inserts.
 """
 
 from .memory import MemoryPromptCache
-from .tiered import FetchInfo, TieredPromptCache
+from .tiered import FetchResult, TieredPromptCache
 
-__all__ = ["FetchInfo", "MemoryPromptCache", "TieredPromptCache"]
+__all__ = ["FetchResult", "MemoryPromptCache", "TieredPromptCache"]

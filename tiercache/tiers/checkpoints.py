@@ -51,46 +51,18 @@ from typing import Any, Sequence
 import mlx.core as mx
 from mlx_lm.models.cache import can_trim_prompt_cache
 
+from ..chat.render import render_chat
 from .memory import clone_prompt_cache
 from ..store.namespaces import cache_arrays
 
-#: Two sentinels with different first characters: the common prefix of the real
-#: rendering with *both* stops before the user content even if that content happens
-#: to start like one of them.
-_SENTINELS = ("\u2063tiercache-sentinel-A\u2063", "#tiercache-sentinel-B#")
-
-
-def _tokenize_chat(tokenizer: Any, messages: list, template_kwargs: dict) -> list[int]:
-    kwargs = {"add_generation_prompt": True, **template_kwargs, "tokenize": True}
-    out = tokenizer.apply_chat_template(messages, **kwargs)
-    if hasattr(out, "keys") and "input_ids" in out:  # transformers >= 5 may return a dict
-        out = out["input_ids"]
-    if isinstance(out, mx.array):
-        out = out.tolist()
-    if out and isinstance(out[0], list):  # batched form
-        out = out[0]
-    return [int(t) for t in out]
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 def last_user_message_start(tokenizer: Any, messages: list[dict], **template_kwargs) -> int:
-    """Token position where the last user message's *content* starts (sentinel technique).
+    """Token position where the last user or tool-result message's *content* starts.
 
-    Renders and tokenizes the chat as the server does
-    (``apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-    **template_kwargs)``), then again with the last user message's content replaced
-    by a short sentinel string, and returns the length of the common token prefix
-    (the minimum over two different sentinels, so content that happens to start
-    like a sentinel can't push the position into the content). Everything before
-    the returned position — system prompt, history, the role header of the last
-    user message — is shared by any request that differs only in that message.
+    A thin wrapper over :func:`tiercache.chat.render_chat` (``need_user_start=True``),
+    which renders the chat exactly as the server does and finds the position with
+    the sentinel technique. Everything before the returned position (system
+    prompt, tools, history, the role header of that message) is shared by any
+    request that differs only from that message on.
 
     Args:
         tokenizer: an mlx-lm ``TokenizerWrapper`` or a Hugging Face tokenizer.
@@ -99,22 +71,11 @@ def last_user_message_start(tokenizer: Any, messages: list[dict], **template_kwa
             the same the server uses for the real prompt.
 
     Returns:
-        The position, or 0 if there is no user message.
+        The position, or 0 if there is no user or tool message.
     """
-    last = None
-    for i in range(len(messages) - 1, -1, -1):
-        if messages[i].get("role") == "user":
-            last = i
-            break
-    if last is None:
-        return 0
-    real = _tokenize_chat(tokenizer, messages, template_kwargs)
-    best = len(real)
-    for s in _SENTINELS:
-        alt = list(messages)
-        alt[last] = {**messages[last], "content": s}
-        best = min(best, _common_prefix(real, _tokenize_chat(tokenizer, alt, template_kwargs)))
-    return best
+    tools = template_kwargs.pop("tools", None)
+    return render_chat(tokenizer, messages, tools=tools, template_kwargs=template_kwargs,
+                       need_user_start=True).user_start
 
 
 @dataclass(frozen=True)

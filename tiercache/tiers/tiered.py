@@ -3,9 +3,13 @@
 * Memory tier: :class:`tiercache.tiers.memory.MemoryPromptCache` under ``max_bytes``.
 * Disk tier: :class:`tiercache.store.disk.DiskStore` under ``disk_bytes``, written by a
   :class:`tiercache.tiers.writer.BackgroundWriter` so the generation thread never waits.
-* A lookup takes the memory result, asks the disk for a longer prefix, and restores
-  from disk when the disk offers at least ``min_promote_tokens`` more (any disk hit
-  counts when memory has nothing); the restored snapshot is promoted into memory.
+* Pending tier: :class:`tiercache.tiers.pending.PendingTier`, the snapshots the
+  writer holds but has not committed yet (their host buffers), searched like memory.
+* A lookup takes the memory result, asks the pending tier and the disk for a longer
+  prefix, and restores the longer one when reading it is expected to take less time
+  than computing the tokens memory lacks
+  (:class:`tiercache.tiers.costmodel.PromotionCostModel`; any hit counts when memory
+  has nothing); the restored snapshot is promoted into memory.
 * ``write_policy="through"`` persists every insert (dedup makes that cheap, and an
   eviction then costs nothing); ``"back"`` persists only what memory evicts.
 
@@ -24,67 +28,91 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Hashable, Sequence
 
 import mlx.core as mx
 
+from ..settings import WRITE_POLICIES
 from ..store import layers as L
 from ..store.disk import DiskStore
 from ..store.restore import RestoreError
-from ..store.hashing import Namespace, chain_root, checkpoint_id, next_hash, salt_bytes
-from ..store.index import KIND_BLOCK
+from ..store.hashing import Namespace, salt_bytes
+from .costmodel import PromotionCostModel
 from .memory import MemoryPromptCache
+from ..remote.tier import DEFAULT_TIMEOUT_MS, DEFAULT_TTL, RemoteTier
+from .pending import PendingTier
 from ..store.namespaces import cache_arrays, key_fingerprint, model_namespace
 from .writer import BackgroundWriter, WriteJob
 
 log = logging.getLogger("tiercache")
 
-WRITE_POLICIES = ("through", "back")
+UNLIMITED_BYTES = 1 << 63
+"""A memory budget this large (mlx-lm's default) is no budget."""
+
+TIER_MEMORY = "memory"
+TIER_DISK = "disk"
+TIER_REMOTE = "remote"
+TIER_PENDING = "pending"
 
 
-@dataclass
-class FetchInfo:
-    """Where the tokens of the last :meth:`TieredPromptCache.fetch_nearest_cache` came from.
+@dataclass(frozen=True)
+class FetchResult:
+    """What one lookup found, and where its tokens came from.
+
+    New tiers (a writer-pending tier, a remote tier) report their own counts
+    under their own name in ``tokens_by_tier``; callers that read the
+    convenience properties keep working.
 
     Attributes:
-        query_tokens: length of the query.
-        memory_tokens: tokens served from the memory tier.
-        disk_tokens: tokens restored from disk (then promoted into memory).
-        restore_seconds: time spent restoring from disk.
+        prompt_cache: The cached prefix's KV snapshot (the caller's to extend),
+            or ``None`` on a miss.
+        rest: The tokens still to compute. Never empty for a non-empty query:
+            an exact hit gives back the last token (mlx-lm #1215).
+        query_tokens: Length of the query.
+        tokens_by_tier: Tokens served, keyed by tier name (``"memory"``,
+            ``"disk"``, ...); empty on a miss.
+        restore_seconds: Time spent restoring from a lower tier.
     """
 
+    prompt_cache: list | None
+    rest: list[int]
     query_tokens: int = 0
-    memory_tokens: int = 0
-    disk_tokens: int = 0
+    tokens_by_tier: dict[str, int] = field(default_factory=dict)
     restore_seconds: float = 0.0
 
     @property
     def cached_tokens(self) -> int:
-        return self.memory_tokens + self.disk_tokens
+        """Return the number of tokens served from any tier."""
+        return sum(self.tokens_by_tier.values())
+
+    @property
+    def memory_tokens(self) -> int:
+        """Return the number of tokens served from the memory tier."""
+        return self.tokens_by_tier.get(TIER_MEMORY, 0)
+
+    @property
+    def disk_tokens(self) -> int:
+        """Return the number of tokens restored from the disk tier."""
+        return self.tokens_by_tier.get(TIER_DISK, 0)
+
+    @property
+    def remote_tokens(self) -> int:
+        """Return the number of tokens restored from the remote tier (some of its
+        blocks may have been read from local disk; the hit counts as remote)."""
+        return self.tokens_by_tier.get(TIER_REMOTE, 0)
 
     @property
     def source(self) -> str:
-        """``"memory"``, ``"disk"`` or ``"none"``."""
-        if self.disk_tokens:
-            return "disk"
-        return "memory" if self.memory_tokens else "none"
+        """Return the tier that served the most tokens, or ``"none"`` on a miss."""
+        served = [(n, tier) for tier, n in self.tokens_by_tier.items() if n]
+        return max(served)[1] if served else "none"
 
-
-def _chain_ids_match(chain, root, ns, block_size: int) -> bool:
-    """True if every record of ``chain`` (root to end) is keyed by the hash of its own
-    tokens: blocks by the chain hash, the last tail/checkpoint by its checkpoint id."""
-    parent = root
-    for rec in chain:
-        if rec.namespace != ns or rec.parent != parent:
-            return False
-        if rec.kind == KIND_BLOCK:
-            if rec.n_tokens != block_size or next_hash(parent, rec.tokens) != rec.id:
-                return False
-        elif rec.id != checkpoint_id(parent, rec.token_list):
-            return False
-        parent = rec.id
-    return True
+    @property
+    def pending_tokens(self) -> int:
+        """Return the number of tokens copied from a snapshot the disk writer had
+        not committed yet (the pending tier)."""
+        return self.tokens_by_tier.get(TIER_PENDING, 0)
 
 
 def _offset_mismatch(prompt_cache: list, n: int):
@@ -94,6 +122,13 @@ def _offset_mismatch(prompt_cache: list, n: int):
         if type(off) is int and off != n:
             return i, off
     return None
+
+
+@dataclass(eq=False)
+class RemoteRecords:
+    """Verified records of a remote hit, queued for the local disk (writer job)."""
+
+    items: list
 
 
 class TieredPromptCache:
@@ -111,8 +146,10 @@ class TieredPromptCache:
         prewarm_bytes: after :meth:`register_model`, restore up to this many bytes of
             the model's most recently used snapshots into memory on a background
             thread, so the first requests after a restart are memory hits.
-        min_promote_tokens: disk must beat memory by this many tokens to be used
-            (default: one block).
+        cost_model: decides between a memory prefix and a longer disk one from
+            measured restore and prefill rates (default: a fresh
+            :class:`~tiercache.tiers.costmodel.PromotionCostModel`). Feed it real
+            prefill timings with :meth:`observe_prefill`.
         writer_queue_bytes: bound on snapshots waiting for the writer; beyond it the
             oldest pending writes are dropped and counted.
         handover: give trimmable memory entries to the caller instead of cloning
@@ -122,22 +159,30 @@ class TieredPromptCache:
             caller's first write copies them (MLX copy-on-write); a caller that
             re-inserts what it computed anyway (the server) passes False and
             writes in place.
+        remote_url: a Redis/Valkey URL (``redis://``, ``rediss://``, ``unix://``)
+            shared by several caches: a third tier after memory and disk (needs
+            ``disk_dir``). See :mod:`tiercache.remote`.
+        remote_ttl: seconds each remote key lives (0: no expiry).
+        remote_timeout_ms: socket timeout of remote lookups.
     """
 
     def __init__(
         self,
         max_size: int = 10,
-        max_bytes: int = 1 << 63,
+        max_bytes: int = UNLIMITED_BYTES,
         *,
         disk_dir=None,
         disk_bytes: int | None = None,
         block_size: int | None = None,
         write_policy: str = "through",
         prewarm_bytes: int = 0,
-        min_promote_tokens: int | None = None,
+        cost_model: PromotionCostModel | None = None,
         writer_queue_bytes: int = 2 << 30,
         handover: bool = True,
         keep_promoted: bool = True,
+        remote_url: str | None = None,
+        remote_ttl: int | None = DEFAULT_TTL,
+        remote_timeout_ms: float = DEFAULT_TIMEOUT_MS,
     ):
         if write_policy not in WRITE_POLICIES:
             raise ValueError(f"write_policy must be one of {WRITE_POLICIES}, not {write_policy!r}")
@@ -149,17 +194,24 @@ class TieredPromptCache:
         self.memory = MemoryPromptCache(max_size, max_bytes, on_evict=self._on_evict)
         self.disk: DiskStore | None = None
         self.writer: BackgroundWriter | None = None
+        self.pending: PendingTier | None = None
         if disk_dir is not None:
             self.disk = DiskStore(disk_dir, block_size=block_size, disk_bytes=disk_bytes)
+            self.disk.record_budget()
             self.writer = BackgroundWriter(
                 self._write, max_queue_bytes=writer_queue_bytes, idle=self.disk.flush_touches
             )
-        bs = self.disk.block_size if self.disk else block_size
-        self.min_promote_tokens = bs if min_promote_tokens is None else min_promote_tokens
+            self.pending = PendingTier(self.writer)
+        self.cost_model = cost_model if cost_model is not None else PromotionCostModel()
+        self.remote: RemoteTier | None = None
+        if remote_url is not None:
+            if self.disk is None:
+                raise ValueError("remote_url needs disk_dir (namespaces and restored blocks live there)")
+            self.remote = RemoteTier(remote_url, block_size=self.disk.block_size, ttl=remote_ttl,
+                                     timeout_ms=remote_timeout_ms)
         self._ns_lock = threading.Lock()
         self._ns_by_key: dict[Hashable, Namespace] = {}
         self._files_fp: dict[Hashable, tuple | None] = {}
-        self._local = threading.local()
         self.counters = {
             "queries": 0,
             "query_tokens": 0,
@@ -211,6 +263,32 @@ class TieredPromptCache:
             self._prewarm_thread.start()
         return ns
 
+    def namespace_of(self, key: Hashable) -> Namespace | None:
+        """Return the disk namespace ``key`` is bound to, or ``None`` if not bound yet.
+
+        A key is bound by :meth:`register_model`, or by its first insert when the
+        key names a local model folder.
+        """
+        with self._ns_lock:
+            return self._ns_by_key.get(key)
+
+    def wait_prewarmed(self, timeout: float | None = None) -> bool:
+        """Wait until prewarming (started by :meth:`register_model`) has finished.
+
+        Args:
+            timeout: Most seconds to wait; ``None`` waits as long as it takes.
+
+        Returns:
+            True if no prewarm is running (finished, or none was started);
+            False if it is still running after ``timeout``.
+        """
+        with self._ns_lock:
+            thread = self._prewarm_thread
+        if thread is None:
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
+
     def _files(self, key: Hashable):
         if key not in self._files_fp:
             self._files_fp[key] = key_fingerprint(key, self.disk.file_digest)
@@ -245,62 +323,91 @@ class TieredPromptCache:
         files = self._files(key)
         if files is None:
             return None
-        ns = self.disk.register_namespace(files[0], L.describe_cache(prompt_cache), files[1])
+        try:  # the cache comes from the model: its shapes are the model's geometry
+            geometry = {"layers": L.cache_geometry(prompt_cache)}
+        except (L.UnsupportedCacheError, AttributeError, TypeError):
+            geometry = None  # restores are then checked by class and dtype only
+        ns = self.disk.register_namespace(
+            files[0], L.describe_cache(prompt_cache), files[1], geometry=geometry
+        )
         with self._ns_lock:
             self._ns_by_key[key] = ns
         return ns
 
     # --- the LRUPromptCache interface ---------------------------------------------------
 
-    @property
-    def last_fetch(self) -> FetchInfo:
-        """Where the calling thread's last fetch got its tokens."""
-        return getattr(self._local, "info", FetchInfo())
-
     def fetch_nearest_cache(
         self, model: Hashable, tokens: Sequence[int], *, salt: str | bytes | None = None
-    ):
-        """Best cached prefix of ``tokens`` across both tiers.
+    ) -> tuple[list | None, list[int]]:
+        """Return the best cached prefix of ``tokens``, as mlx-lm's ``LRUPromptCache`` does.
+
+        A thin adapter over :meth:`fetch` for code written against mlx-lm.
 
         Returns:
-            ``(cache or None, remaining tokens)``. The remainder is never empty: an
-            exact hit gives back the last token (mlx-lm #1215). The cache belongs to
-            the caller. :attr:`last_fetch` says where the tokens came from.
+            ``(cache or None, remaining tokens)``; see :class:`FetchResult`.
+        """
+        result = self.fetch(model, tokens, salt=salt)
+        return result.prompt_cache, result.rest
+
+    def fetch(
+        self, model: Hashable, tokens: Sequence[int], salt: str | bytes | None = None
+    ) -> FetchResult:
+        """Look up the longest cached prefix of ``tokens`` across the tiers.
+
+        Args:
+            model: The cache key the snapshots were inserted under.
+            tokens: The query.
+            salt: Isolation salt; only snapshots inserted with the same salt match.
+
+        Returns:
+            A :class:`FetchResult`; its cache belongs to the caller.
         """
         tokens = tokens if type(tokens) is tuple else tuple(tokens)  # converted once
-        info = FetchInfo(query_tokens=len(tokens))
-        self._local.info = info
         self.counters["queries"] += 1
         self.counters["query_tokens"] += len(tokens)
         if not tokens:
-            return None, []
+            return FetchResult(None, [])
         limit = len(tokens) - 1
         sb = salt_bytes(salt)
         hit = self.memory.fetch((model, sb), tokens, limit=limit, handover=self.handover)
         mem_n = hit.n_tokens if hit else 0
-        # The disk is asked only when it could win: beat memory by min_promote_tokens
-        # (any disk hit counts when memory has nothing).
-        plans = []
-        cache, n, dt = None, 0, 0.0
-        # The disk tier is best effort: an LMDB error, a closed store (server
-        # shutdown while a request is served) or an unexpected file must never
-        # raise into the generation thread, nor lose the memory entry that may
-        # already have been handed over above. Any failure is a disk miss.
+        pend, plans = None, []
+        cache, n, dt, source = None, 0, 0.0, None
+        # Pending and disk tiers are best effort: an LMDB error, a closed store
+        # (server shutdown while a request is served) or an unexpected file must
+        # never raise into the generation thread, nor lose the memory entry that
+        # may already have been handed over above. Any failure is a miss.
         try:
-            if (
-                self.disk is not None
-                and not self._closed
-                and (mem_n == 0 or limit - mem_n >= max(1, self.min_promote_tokens))
-            ):
-                for ns in self._namespaces(model):
+            if self.disk is not None and not self._closed and limit > mem_n:
+                namespaces = self._namespaces(model)
+                # Pending jobs first: one committed after this call is on disk below.
+                pend = self.pending.find(namespaces, sb, tokens, limit) if namespaces else None
+                for ns in namespaces:
                     plan = self.disk.longest_prefix(ns, tokens, salt=sb, limit=limit)
                     if plan.n_tokens:
                         plans.append(plan)
-            disk_best = max((p.n_tokens for p in plans), default=0)
-            if disk_best > mem_n and (mem_n == 0 or disk_best - mem_n >= self.min_promote_tokens):
+            pend_n = pend.n_tokens if pend is not None else 0
+            best = max(plans, key=lambda p: p.n_tokens, default=None)
+            local_best = max(mem_n, pend_n, best.n_tokens if best is not None else 0)
+            remote = self._remote_lookup(model, tokens, sb, limit, local_best, plans)
+            if remote is not None:
+                return self._serve_remote(model, sb, tokens, hit, remote)
+            best_bytes = sum(r.nbytes for r in best.records) if best is not None else 0
+            if (
+                best is not None
+                and best.n_tokens > pend_n
+                and self.cost_model.prefer_disk(mem_n, best.n_tokens, best_bytes)
+            ):
                 t0 = time.perf_counter()
                 cache, n = self._restore(plans, tokens, sb, limit)
                 dt = time.perf_counter() - t0
+                source = TIER_DISK
+                if n == best.n_tokens:  # a fallback after a bad file read other files
+                    self.cost_model.observe_restore(best_bytes, dt)
+            # A pending snapshot is copied from host memory: judged as a disk read of
+            # its bytes (conservative), it is used when it beats memory and the disk.
+            if pend_n > n and self.cost_model.prefer_disk(mem_n, pend_n, pend.nbytes):
+                cache, n, source = self.pending.restore(pend), pend_n, TIER_PENDING
         except Exception as e:
             log.warning("disk lookup failed (serving from memory): %s", e)
             cache, n = None, 0
@@ -309,16 +416,68 @@ class TieredPromptCache:
                 self._give_back(model, sb, tokens, hit)
             if self.keep_promoted:
                 self.memory.insert((model, sb), tokens[:n], cache, cache_type="user")
-            info.disk_tokens, info.restore_seconds = n, dt
+            self.counters["promotions"] += 1
+            if source == TIER_PENDING:
+                return FetchResult(cache, list(tokens[n:]), len(tokens), {TIER_PENDING: n})
             self.counters["disk_hits"] += 1
             self.counters["disk_hit_tokens"] += n
-            self.counters["promotions"] += 1
             self.counters["restore_seconds"] += dt
-            return cache, list(tokens[n:])
+            return FetchResult(cache, list(tokens[n:]), len(tokens), {TIER_DISK: n}, dt)
         if hit is None:
-            return None, list(tokens)
-        info.memory_tokens = mem_n
-        return hit.prompt_cache, list(tokens[mem_n:])
+            return FetchResult(None, list(tokens), len(tokens))
+        return FetchResult(hit.prompt_cache, list(tokens[mem_n:]), len(tokens), {TIER_MEMORY: mem_n})
+
+    # --- remote tier hooks ----------------------------------------------------------------
+
+    def _remote_lookup(self, model, tokens, salt, limit, local_best, plans):
+        """A remote hit beating the local tiers by a block (less isn't worth the
+        network), restored, as ``(namespace, cache, hit, seconds)``; None otherwise
+        (never raises)."""
+        if self.remote is None or self._closed:
+            return None
+        floor = local_best + (self.remote.block_size if local_best else 1)
+        if limit < floor:
+            return None
+        for ns in self._namespaces(model):
+            desc = self.disk.layer_desc(ns)
+            local = next((p.chain for p in plans if p.namespace == ns), [])
+            t0 = time.perf_counter()
+            found = self.remote.lookup(ns, desc, tokens, salt, limit, local)
+            if found is None or found.n_tokens < floor:
+                continue
+            try:
+                geo = self.disk.geometry(ns)
+                cache = self.remote.restore(found, self.disk.file_path,
+                                            geo.get("layers") if geo else None)
+            except (RestoreError, ValueError) as e:
+                # Checked bytes that still don't build a cache (or a local file
+                # went bad meanwhile): a miss, never a wrong hit.
+                self.remote.note_rejected(str(e))
+                continue
+            return ns, cache, found, time.perf_counter() - t0
+        return None
+
+    def _serve_remote(self, model, salt, tokens, hit, remote) -> FetchResult:
+        """Hands a remote hit to the caller; its records go to local disk via the writer."""
+        ns, cache, found, dt = remote
+        n = found.n_tokens
+        if hit is not None and hit.prompt_cache is not None:
+            self._give_back(model, salt, tokens, hit)
+        if self.keep_promoted:
+            self.memory.insert((model, salt), tokens[:n], cache, cache_type="user")
+        items = found.remote_items()
+        self.writer.submit(WriteJob(ns, (), RemoteRecords(items), salt, sum(len(b) for _, b in items)))
+        self.counters["promotions"] += 1
+        self.counters["restore_seconds"] += dt
+        return FetchResult(cache, list(tokens[n:]), len(tokens), {TIER_REMOTE: n}, dt)
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        """Report a prefill of ``tokens`` tokens that took ``seconds``.
+
+        Keeps the cost model's prefill rate (which weighs a longer disk prefix
+        against computing the tokens memory lacks) true to the model and machine.
+        """
+        self.cost_model.observe_prefill(tokens, seconds)
 
     def _restore(self, plans, tokens, salt, limit):
         """Restores the longest plan; a bad file makes the store fall back itself."""
@@ -383,7 +542,12 @@ class TieredPromptCache:
         self.writer.submit(WriteJob(ns, tokens, host, salt, nbytes))
 
     def _write(self, ns, tokens, host, salt) -> None:
-        self.disk.save(ns, tokens, host, salt=salt or None)
+        if isinstance(host, RemoteRecords):  # a remote hit: keep a local copy
+            self.disk.adopt_records(ns, host.items)
+            return
+        result = self.disk.save(ns, tokens, host, salt=salt or None)
+        if self.remote is not None:  # share what this commit added
+            self.remote.push(ns, result.written, self.disk.file_path)
 
     def _on_evict(self, key, tokens, prompt_cache, cache_type) -> None:
         if self.disk is None:
@@ -420,13 +584,15 @@ class TieredPromptCache:
 
     def stats(self) -> dict:
         """Per-tier counters: entries, bytes, hits and hit tokens, promotions,
-        demotions, evictions, writer queue bytes and dropped writes."""
+        demotions, evictions, writer queue bytes and dropped writes; with a remote
+        tier, its hits, misses, rejections, errors, bytes, latency and breaker."""
         m = self.memory.counters
         out = {
             "memory": {
                 "entries": len(self.memory),
                 "bytes": self.memory.nbytes,
-                "budget_bytes": self.memory.max_bytes,
+                # 1 << 63 (mlx-lm's default) means no budget: say so, not a 19-digit number.
+                "budget_bytes": self.memory.max_bytes if self.memory.max_bytes < UNLIMITED_BYTES else None,
                 "hits": m["hits"],
                 "hit_tokens": m["hit_tokens"],
                 "evictions": m["evictions"],
@@ -452,7 +618,11 @@ class TieredPromptCache:
                 "evictions": d["evicted_records"],
                 "corrupt_records": d["corrupt_records"],
                 "restore_seconds": self.counters["restore_seconds"],
+                "bytes_written": d["bytes_written"],
+                "records_written": d["records_written"],
+                "cost_model": self.cost_model.snapshot(),
             }
+            out["pending"] = self.pending.stats()
             out["writer"] = {
                 "queue_bytes": self.writer.queue_bytes,
                 "pending": self.writer.pending(),
@@ -460,6 +630,8 @@ class TieredPromptCache:
                 "dropped_writes": w["dropped_writes"],
                 "errors": w["errors"],
             }
+        if self.remote is not None:
+            out["remote"] = self.remote.stats()
         return out
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -468,6 +640,8 @@ class TieredPromptCache:
             return True
         ok = self.writer.flush(timeout)
         self.disk.flush_touches()
+        if self.remote is not None:  # pushes follow the disk commits just flushed
+            ok = self.remote.flush(timeout) and ok
         return ok
 
     def clear(self, tier: str | None = None) -> None:
@@ -489,6 +663,8 @@ class TieredPromptCache:
         ok = True
         if self.writer is not None:
             ok = self.writer.close(flush_timeout)
+        if self.remote is not None:
+            self.remote.close(min(flush_timeout, 5.0))
         if self.disk is not None:
             if self.writer is not None and self.writer.is_alive():
                 # The writer is stuck inside a save (a hung disk): closing LMDB
@@ -514,32 +690,22 @@ class TieredPromptCache:
         are skipped (their salt isn't known here); the memory tier's own budget is
         never exceeded by prewarming (nothing hot is evicted for it).
         """
-        from ..admin.inspect import chain_of, chain_tokens, load_view, plan_for, snapshot_ends
-
         done = 0
         try:
-            view = load_view(self.disk)
-            root = chain_root(ns, None)
-            ends = sorted(snapshot_ends(view, ns), key=lambda r: -r.last_access)
-            for rec in ends:
+            for snap in self.disk.recent_snapshots(ns, budget):
                 if self._closed or done >= budget:
                     break
                 try:
-                    chain = chain_of(view, rec)
-                    if chain[0].parent != root or not _chain_ids_match(chain, root, ns, self.disk.block_size):
-                        # Salted, or the index holds tokens that don't hash to their
-                        # record's id (damage, poisoning): keying memory by those
-                        # tokens would serve KV of other tokens. Lookups compare
-                        # tokens against the query's hashes; prewarm must too.
-                        continue
-                    cache = self.disk.restore(plan_for(self.disk, view, rec))
-                except (ValueError, RestoreError):
+                    t0 = time.perf_counter()
+                    cache = self.disk.restore(snap.plan)
+                except RestoreError:
                     continue
                 mx.eval(list(cache_arrays(cache)))
+                self.cost_model.observe_restore(snap.nbytes, time.perf_counter() - t0)
                 nbytes = sum(c.nbytes for c in cache)
                 if done + nbytes > budget or self.memory.nbytes + nbytes > self.memory.max_bytes:
                     continue
-                self.memory.insert((key, b""), chain_tokens(chain), cache, cache_type="user")
+                self.memory.insert((key, b""), snap.tokens, cache, cache_type="user")
                 done += nbytes
                 self.counters["prewarmed_bytes"] += nbytes
             log.info("prewarmed %d bytes into memory", done)

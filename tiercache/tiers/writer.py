@@ -61,6 +61,7 @@ class BackgroundWriter:
         self._queue: collections.deque[WriteJob] = collections.deque()
         self._cond = threading.Condition()
         self._busy = False
+        self._current: WriteJob | None = None  # the job being saved, still a lookup source
         self._stop = False
         self.queue_bytes = 0
         self.counters = {"submitted": 0, "written": 0, "dropped_writes": 0, "dropped_bytes": 0, "errors": 0}
@@ -106,6 +107,7 @@ class BackgroundWriter:
                 if job is not None:
                     self.queue_bytes -= job.nbytes
                     self._busy = True
+                    self._current = job
             if job is None:
                 self._run_idle()
                 continue
@@ -120,7 +122,11 @@ class BackgroundWriter:
                     log.warning("disk write failed (serving from memory): %s", e)
             finally:
                 with self._cond:
+                    # Only now, after the save committed (or failed), does the
+                    # snapshot stop being a pending one: a lookup that misses it
+                    # here finds it on disk.
                     self._busy = False
+                    self._current = None
                     self._cond.notify_all()
             # Drop our views now: while they live, the snapshot's MLX buffers stay
             # shared and the caller's next in-place write would copy them whole.
@@ -133,6 +139,20 @@ class BackgroundWriter:
             self._idle()
         except Exception as e:
             log.debug("writer idle task failed: %s", e)
+
+    def pending_jobs(self) -> list[WriteJob]:
+        """The jobs not yet committed, newest first (the one being saved included)."""
+        with self._cond:
+            jobs = list(self._queue)
+            if self._current is not None:
+                jobs.insert(0, self._current)
+        jobs.reverse()
+        return jobs
+
+    def pending_bytes(self) -> int:
+        """Bytes of the snapshots not yet committed (queued and being saved)."""
+        with self._cond:
+            return self.queue_bytes + (self._current.nbytes if self._current is not None else 0)
 
     def pending(self) -> int:
         with self._cond:

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,14 +27,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ..server_process import free_port
 from . import common as C
 from . import trace as T
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url: str, body: dict, timeout: float = 3600) -> dict:
@@ -69,7 +63,7 @@ class Server:
         self.port = None
 
     def start(self) -> float:
-        self.port = _free_port()
+        self.port = free_port()
         if self.kind == "mlx_lm.server":
             cmd = [sys.executable, "-m", "mlx_lm.server", "--model", str(self.model), "--port", str(self.port),
                    "--prompt-cache-bytes", str(self.budget)]

@@ -71,11 +71,14 @@ class Runner:
     def fetch(self, tokens):
         if self.cache is None:
             return None, tokens
+        if self.name.startswith("tiercache"):
+            self.last = self.cache.fetch(self.key, tokens)
+            return self.last.prompt_cache, self.last.rest
         return self.cache.fetch_nearest_cache(self.key, tokens)
 
     def source(self, cached):
         if self.name.startswith("tiercache"):
-            return self.cache.last_fetch.source
+            return self.last.source
         return "memory" if cached else "none"
 
     def insert(self, tokens, cache):

@@ -77,12 +77,13 @@ def bench_fetch(snapshot, tokens, repeats: int) -> dict:
         ts = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            cache, rem = tc.fetch_nearest_cache(KEY, query)
+            found = tc.fetch(KEY, query)
             ts.append(time.perf_counter() - t0)
-            assert cache is not None and len(rem) == 1 and tc.last_fetch.source == "memory"
+            cache = found.prompt_cache
+            assert cache is not None and len(found.rest) == 1 and found.source == "memory"
             if handover:  # the caller re-inserts (untimed), as the server does
                 tc.memory.insert((KEY, b""), toks, cache)  # memory key: (model, salt)
-            del cache
+            del cache, found
         out[f"fetch_{mode}_ms"] = _median_ms(ts)
         out[f"ratio_{mode}_vs_deepcopy"] = out[f"fetch_{mode}_ms"] / out["deepcopy_ms"]
         tc.close()

@@ -89,8 +89,11 @@ def run(args) -> dict:
         tc = TieredPromptCache(max_size=100, disk_dir=store, block_size=args.block_size, keep_promoted=False)
         tc.register_model(key, path, model)
 
+        last = {}  # the FetchResult of the latest tiered lookup
+
         def fetch(t, tc_ref=None):
-            return (tc if tc_ref is None else tc_ref).fetch_nearest_cache(key, t)
+            last["result"] = (tc if tc_ref is None else tc_ref).fetch(key, t)
+            return last["result"].prompt_cache, last["result"].rest
 
         # cold
         colds = []
@@ -114,7 +117,7 @@ def run(args) -> dict:
                 extra = prep() if prep else {}
                 r = C.ttft(model, lambda t: fetch(t, tcx), tokens)
                 c = tc if tcx is None else tcx  # (a cache with no entries is falsy)
-                li = c.last_fetch
+                li = last["result"]
                 vals.append(r["ttft"])
                 fetches.append(r["fetch"])
                 restores.append(li.restore_seconds)
