@@ -141,7 +141,7 @@ def create_app(cfg: ServerConfig, on_load_failed=None) -> FastAPI:
     metrics = Metrics(lambda: holder["engine"].cache_stats())
     engine = Engine(cfg, metrics)
     holder["engine"] = engine
-    worker = Worker(engine, cfg.max_queue, on_load_failed)
+    worker = Worker(engine, cfg.max_queue, on_load_failed, cfg.max_batch_size)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -80,8 +80,11 @@ SERVER_SETTINGS: tuple[Setting, ...] = (
             metavar="LEVEL"),
     Setting("--max-queue", parse_positive_int, 64,
             "Requests that may wait for the worker before new ones get 429", metavar="N"),
+    Setting("--max-batch-size", parse_positive_int, 32,
+            "Requests generated together in one continuous batch; more wait in the queue "
+            "(1 = one at a time)", metavar="N"),
     Setting("--shutdown-timeout", parse_seconds, 10.0,
-            "Seconds the running request may go on after SIGTERM/SIGINT before it is "
+            "Seconds the running requests may go on after SIGTERM/SIGINT before they are "
             "cancelled; queued requests get 503 at once", metavar="SECONDS"),
     Setting("--served-model-name", parse_names, (),
             "Name clients use for the model, then aliases, comma-separated: NAME[,ALIAS...]; "

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ServerConfig
-from .metrics import request_summary
-from .output_events import OutputEvents, _StopText  # noqa: F401  (_StopText: tests)
+from .output import Fetched, RequestOutput
 
 logger = logging.getLogger("tiercache.server")
 
@@ -350,29 +349,18 @@ class Engine:
         return max(1, limit)
 
     # ------------------------------------------------------------ generate
-    def generate(self, p: GenParams, emit: Callable[[tuple], None], cancelled: Callable[[], bool]):
-        """Serve one request on the worker thread.
+    def fetch(self, p: GenParams) -> Fetched:
+        """Find the longest cached prefix of a request's prompt. Worker thread.
 
-        Emits ``("start", usage)``, then ``("text", str)``,
-        ``("reasoning", str)`` and ``("tool_call", ToolCallEvent)`` events,
-        then ``("done", finish_reason, usage, stop_sequence)``; ``finish_reason`` is
-        ``"tool_calls"`` when a tool call was emitted, ``stop_sequence`` the stop
-        string that ended generation (or None). Whatever was computed (also
-        after a cancel) is inserted into the cache.
+        A broken cache never fails the request: it then runs cold.
 
         Args:
-            p: What to generate.
-            emit: Thread-safe callback for events.
-            cancelled: Returns True once the client has gone away.
-        """
-        import mlx.core as mx
-        from mlx_lm import stream_generate
-        from mlx_lm.models.cache import (
-            can_trim_prompt_cache,
-            make_prompt_cache,
-            trim_prompt_cache,
-        )
+            p: The request.
 
+        Returns:
+            The :class:`server.output.Fetched` lookup (its ``prompt_cache`` is
+            ``None`` on a miss).
+        """
         from tiercache import FetchResult
 
         tokens = list(p.tokens)
@@ -382,35 +370,41 @@ class Engine:
         except Exception:  # a broken cache must not fail the request: run cold
             logger.exception("prefix lookup failed; computing the prompt from scratch")
             found = FetchResult(None, tokens, len(tokens))
-        restore_s = time.perf_counter() - t_start
-        prompt_cache, rest = found.prompt_cache, list(found.rest)
-        cached = found.cached_tokens if prompt_cache is not None else 0
-        memory, disk = found.memory_tokens, found.disk_tokens
-        pending = found.pending_tokens
+        if found.prompt_cache is None:
+            found = FetchResult(None, tokens, len(tokens))
+        return Fetched(found, time.perf_counter() - t_start,
+                       disk_tier=getattr(self.cache, "disk", None) is not None,
+                       remote_tier=getattr(self.cache, "remote", None) is not None)
+
+    def new_output(self, p: GenParams, emit: Callable[[tuple], None]) -> RequestOutput:
+        """Return the :class:`server.output.RequestOutput` for a request (either path)."""
+        return RequestOutput(p, self.tokenizer, emit, self.metrics, self.cache)
+
+    def generate(self, p: GenParams, emit: Callable[[tuple], None], cancelled: Callable[[], bool]):
+        """Serve one request on the worker thread (the sequential path).
+
+        Emits ``("start", usage)``, then ``("text", str)``, ``("reasoning", str)``
+        and ``("tool_call", ToolCallEvent)`` events, then
+        ``("done", finish_reason, usage, stop_sequence)`` (see
+        :class:`server.output.RequestOutput`). Whatever was computed (also
+        after a cancel) is inserted into the cache.
+
+        Args:
+            p: What to generate.
+            emit: Thread-safe callback for events.
+            cancelled: Returns True once the client has gone away.
+        """
+        import mlx.core as mx
+        from mlx_lm import stream_generate
+        from mlx_lm.models.cache import make_prompt_cache
+
+        tokens = list(p.tokens)
+        output = self.new_output(p, emit)
+        fetched = self.fetch(p)
+        output.start(fetched)
+        prompt_cache, rest = fetched.prompt_cache, fetched.rest
         if prompt_cache is None:
             prompt_cache = make_prompt_cache(self.model)
-            rest = tokens
-        t_fetched, n_prefill = time.perf_counter(), len(rest)
-        if self.metrics is not None:
-            self.metrics.observe_fetch(len(tokens), memory, disk, restore_s,
-                                       remote=found.remote_tokens, pending=pending)
-        usage = {
-            "prompt_tokens": len(tokens),
-            "completion_tokens": 0,
-            "total_tokens": len(tokens),
-            "prompt_tokens_details": {
-                "cached_tokens": cached,
-                "memory_tokens": memory,
-                "disk_tokens": disk,
-                # Tiers added later (writer-pending, remote) report themselves.
-                **{f"{tier}_tokens": n for tier, n in found.tokens_by_tier.items()},
-            },
-        }
-        if getattr(self.cache, "disk", None) is not None:  # always shown with a disk tier
-            usage["prompt_tokens_details"].setdefault("pending_tokens", 0)
-        if getattr(self.cache, "remote", None) is not None:  # always shown with a remote tier
-            usage["prompt_tokens_details"].setdefault("remote_tokens", 0)
-        emit(("start", usage))
 
         if p.seed is not None:
             mx.random.seed(p.seed)
@@ -422,13 +416,9 @@ class Engine:
                 raise Cancelled()
 
         if not self.trimmable and len(rest) > 1:
-            rest = self._checkpointed_prefill(p, tokens, rest, cached, prompt_cache)
+            rest = self._checkpointed_prefill(p, tokens, rest, fetched.cached, prompt_cache)
 
-        generated: list[int] = []
-        out = OutputEvents(p, self.tokenizer, tokens, emit)
-        finish = "length"
-        t_first: float | None = None
-        prefill_done: float | None = None
+        reason = None
         stream = stream_generate(
             self.model,
             self.tokenizer,
@@ -442,65 +432,19 @@ class Engine:
         )
         try:
             for gen in stream:
-                if t_first is None:
-                    t_first = time.perf_counter()
-                    prefill_done = t_first
-                generated.append(int(gen.token))
-                if out.feed(gen.text):
-                    finish = "stop"
-                    break
-                if gen.finish_reason is not None:
-                    finish = gen.finish_reason
+                if output.feed(gen.token) or gen.finish_reason is not None:
                     break
                 if cancelled():
-                    finish = "cancelled"
+                    reason = "cancelled"
                     break
         except Cancelled:
-            finish = "cancelled"
+            reason = "cancelled"
         finally:
             stream.close()
-        if finish != "cancelled":
-            out.finish()
-        if out.tool_calls and finish != "cancelled":
-            finish = "tool_calls"
-        t_end = time.perf_counter()
-
-        usage["completion_tokens"] = len(generated)
-        usage["total_tokens"] = len(tokens) + len(generated)
-        emit(("done", finish, usage, out.stop_sequence))
+        output.finish(reason)
         # The worker serves the next request only after this insert, so a
         # follow-up request always sees it.
-        self._insert(tokens + generated, prompt_cache, p.salt, can_trim_prompt_cache,
-                     trim_prompt_cache)
-
-        if prefill_done is not None and finish != "cancelled":
-            # Teaches the cache's cost model how fast this model prefills here.
-            self.cache.observe_prefill(n_prefill, prefill_done - t_fetched)
-        prefill_s = (prefill_done or t_end) - t_start
-        ttft = (t_first - p.arrived) if t_first is not None else None
-        decode_s = t_end - (t_first or t_end)
-        decode_tps = (len(generated) - 1) / decode_s if decode_s > 0 and len(generated) > 1 else 0.0
-        if self.metrics is not None:
-            if ttft is not None:
-                self.metrics.ttft.observe(ttft)
-            self.metrics.prefill.observe(prefill_s)
-            self.metrics.generated_tokens.inc(len(generated))
-            self.metrics.recent.add(request_summary(p.api, usage, ttft, prefill_s, decode_tps,
-                                                    finish))
-        logger.info(
-            "request %s: prompt=%d cached=%d (memory=%d disk=%d) prefill=%.3fs ttft=%s "
-            "decode=%.1f tok/s completion=%d finish=%s",
-            p.request_id,
-            len(tokens),
-            cached,
-            memory,
-            disk,
-            prefill_s,
-            f"{ttft:.3f}s" if ttft is not None else "-",
-            decode_tps,
-            len(generated),
-            finish,
-        )
+        self.insert_computed(tokens + output.generated, prompt_cache, p.salt)
 
     def _checkpointed_prefill(self, p: GenParams, tokens: list[int], rest: list[int],
                               cached: int, prompt_cache: list) -> list[int]:
@@ -540,9 +484,18 @@ class Engine:
                 logger.exception("checkpoint insert failed")
         return rest[-1:]
 
-    def _insert(self, key: list[int], prompt_cache: list, salt, can_trim, trim) -> None:
-        """Insert the post-generation cache state under exactly its tokens."""
+    def insert_computed(self, key: list[int], prompt_cache: list, salt) -> None:
+        """Insert a request's cache under exactly the tokens it holds.
+
+        Args:
+            key: The tokens fed so far (prompt + generated); trimmed to the
+                cache's offset when the cache holds fewer.
+            prompt_cache: The request's cache after generation.
+            salt: The request's cache isolation salt.
+        """
         import mlx.core as mx
+        from mlx_lm.models.cache import can_trim_prompt_cache as can_trim
+        from mlx_lm.models.cache import trim_prompt_cache as trim
 
         offset = _cache_offset(prompt_cache)
         if offset is not None:

@@ -234,6 +234,17 @@ class Metrics:
         self.queue_depth = Gauge(
             "tiercache_queue_depth", "Requests waiting for the generation worker", registry=r
         )
+        self.running = Gauge(
+            "tiercache_running_requests",
+            "Requests in the running batch (being prefilled or decoded)",
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "tiercache_batch_size",
+            "Requests decoded together, per decode step",
+            buckets=(1, 2, 3, 4, 8, 16, 32, 64),
+            registry=r,
+        )
         r.register(_CacheCollector(get_stats))
         self.recent = RecentRequests()
 

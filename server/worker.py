@@ -14,6 +14,7 @@ import concurrent.futures
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -67,12 +68,16 @@ class Job:
 
 
 class Worker:
-    """Loads the model then serves jobs one at a time on its own thread.
+    """Loads the model then serves jobs on its own thread.
+
+    Jobs run in one continuous batch (:mod:`server.batching`) when the model
+    allows it and ``max_batch_size`` > 1, else one at a time.
 
     Args:
         engine: The engine the thread drives.
-        max_queue: Jobs allowed to wait (excluding the running one).
+        max_queue: Jobs allowed to wait (excluding the running ones).
         on_load_failed: Called (from the worker thread) if loading fails.
+        max_batch_size: Jobs allowed to run together.
     """
 
     def __init__(
@@ -80,9 +85,11 @@ class Worker:
         engine: Engine,
         max_queue: int,
         on_load_failed: Callable[[BaseException], None] | None = None,
+        max_batch_size: int = 1,
     ):
         self.engine = engine
         self.max_queue = max_queue
+        self.max_batch_size = max_batch_size
         self.on_load_failed = on_load_failed
         self.state = "loading"
         self.load_error: str | None = None
@@ -90,7 +97,7 @@ class Worker:
         self._control: collections.deque[tuple] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
-        self._current: Job | None = None
+        self._running: list[Job] = []
         self._thread = threading.Thread(target=self._run, name="tiercache-worker", daemon=True)
 
     # ------------------------------------------------------------- public
@@ -105,13 +112,18 @@ class Worker:
 
     @property
     def queue_depth(self) -> int:
-        """Jobs waiting, not counting the running one."""
+        """Jobs waiting, not counting the running ones."""
         return len(self._jobs)
+
+    @property
+    def running(self) -> int:
+        """Jobs running (the current batch size)."""
+        return len(self._running)
 
     @property
     def busy(self) -> bool:
         """Whether a job is running."""
-        return self._current is not None
+        return bool(self._running)
 
     def submit(self, job: Job) -> None:
         """Queue a job.
@@ -143,15 +155,16 @@ class Worker:
         return fut
 
     def begin_shutdown(self, timeout: float) -> None:
-        """Stop accepting, fail queued jobs now, bound the running one. Returns at once.
+        """Stop accepting, fail queued jobs now, bound the running ones. Returns at once.
 
         Queued jobs get a :class:`NotAccepting` error event (HTTP 503). The running
-        job may finish within ``timeout`` seconds; then it gets the same error
-        event, first, so its client is answered even if the generation step under
-        way takes a while to notice the cancel that follows.
+        jobs (the whole batch) may finish within ``timeout`` seconds; then each
+        one still running gets the same error event, first, so its client is
+        answered even if the generation step under way takes a while to notice
+        the cancel that follows.
 
         Args:
-            timeout: Seconds the running job may still take.
+            timeout: Seconds the running jobs may still take.
         """
         with self._cond:
             if self._stopping:
@@ -161,24 +174,26 @@ class Worker:
             self._jobs.clear()
             controls = list(self._control)
             self._control.clear()
-            current = self._current
+            running = list(self._running)
             self._cond.notify_all()
         for job in pending:
             job.cancel()
             job.emit(("error", NotAccepting("the server is shutting down")))
         for _, fut in controls:
             fut.set_exception(NotAccepting("the server is shutting down"))
-        if current is not None:
-            threading.Thread(target=self._deadline, args=(current, timeout),
+        if running:
+            threading.Thread(target=self._deadline, args=(running, timeout),
                              name="tiercache-shutdown", daemon=True).start()
 
     @staticmethod
-    def _deadline(job: Job, timeout: float) -> None:
-        if job.finished.wait(timeout):
-            return
-        logger.warning("shutdown: cancelling request %s after %.1fs", job.id, timeout)
-        job.emit(("error", NotAccepting("the server is shutting down: the request was cancelled")))
-        job.cancel()
+    def _deadline(jobs: list[Job], timeout: float) -> None:
+        end = time.monotonic() + timeout
+        late = [job for job in jobs if not job.finished.wait(max(0.0, end - time.monotonic()))]
+        for job in late:
+            logger.warning("shutdown: cancelling request %s after %.1fs", job.id, timeout)
+            job.emit(("error",
+                      NotAccepting("the server is shutting down: the request was cancelled")))
+            job.cancel()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop accepting, cancel queued and running jobs, join the thread.
@@ -192,8 +207,8 @@ class Worker:
             self._jobs.clear()
             controls = list(self._control)
             self._control.clear()
-            if self._current is not None:
-                self._current.cancel()
+            for job in self._running:
+                job.cancel()
             self._cond.notify_all()
         for job in pending:
             job.cancel()
@@ -222,37 +237,84 @@ class Worker:
                 self.on_load_failed(exc)
             return
         self.state = "ready"
-        while True:
-            with self._cond:
-                while not self._stopping and not self._jobs and not self._control:
-                    self._cond.wait()
-                if self._stopping:
-                    break
-                if self._control:
-                    item: Any = ("control", self._control.popleft())
-                else:
-                    item = ("job", self._jobs.popleft())
-                    self._current = item[1]
-            kind, payload = item
-            if kind == "control":
-                fn, fut = payload
-                if fut.set_running_or_notify_cancel():
-                    try:
-                        fut.set_result(fn())
-                    except BaseException as exc:
-                        fut.set_exception(exc)
-                continue
-            job: Job = payload
-            try:
-                if not job.cancelled:
-                    self.engine.generate(job.params, job.emit, lambda j=job: j.cancelled)
-                else:
-                    job.emit(("error", NotAccepting("request cancelled")))
-            except Exception as exc:
-                logger.exception("generation failed for %s", job.id)
-                job.emit(("error", exc))
-            finally:
-                job.finished.set()
-                with self._cond:
-                    self._current = None
+        from .batching import make_scheduler
+
+        scheduler = make_scheduler(self.engine, self.max_batch_size)
+        if scheduler is not None:
+            scheduler.run(self)
+        else:
+            self._serve_one_at_a_time()
         self.state = "stopped"
+
+    def _serve_one_at_a_time(self) -> None:
+        while True:
+            item = self.take(wait=True)
+            if item is None or item[0] == "stop":
+                break
+            if item[0] == "control":
+                self.run_control(item[1])
+                continue
+            self.serve_alone(item[1])
+
+    def take(self, wait: bool, job: bool = True) -> tuple[str, Any] | None:
+        """Pop the next control call or job (worker thread).
+
+        Control calls come first. A popped job counts as running until
+        :meth:`finished` is called for it.
+
+        Args:
+            wait: Block until there is something (or the worker stops).
+            job: Whether a job may be popped (False: control calls only).
+
+        Returns:
+            ``("stop", None)``, ``("control", (fn, future))``, ``("job", job)``
+            or ``None`` when nothing is waiting and ``wait`` is False.
+        """
+        with self._cond:
+            while wait and not self._stopping and not self._control and not (
+                    job and self._jobs):
+                self._cond.wait()
+            if self._stopping:
+                return ("stop", None)
+            if self._control:
+                return ("control", self._control.popleft())
+            if job and self._jobs:
+                popped = self._jobs.popleft()
+                self._running.append(popped)
+                return ("job", popped)
+            return None
+
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` was called."""
+        return self._stopping
+
+    def finished(self, job: Job) -> None:
+        """Mark a job popped by :meth:`take` as no longer running."""
+        with self._cond:
+            if job in self._running:
+                self._running.remove(job)
+        job.finished.set()
+
+    @staticmethod
+    def run_control(payload: tuple) -> None:
+        """Run one control call popped by :meth:`take`."""
+        fn, fut = payload
+        if fut.set_running_or_notify_cancel():
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+    def serve_alone(self, job: Job) -> None:
+        """Serve one job through :meth:`Engine.generate`, then mark it finished."""
+        try:
+            if not job.cancelled:
+                self.engine.generate(job.params, job.emit, lambda j=job: j.cancelled)
+            else:
+                job.emit(("error", NotAccepting("request cancelled")))
+        except Exception as exc:
+            logger.exception("generation failed for %s", job.id)
+            job.emit(("error", exc))
+        finally:
+            self.finished(job)

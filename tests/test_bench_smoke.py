@@ -73,6 +73,21 @@ def test_http_peer_smoke(tmp_path, tiny_llama_path):
     assert all(len(v["rows"]) == 2 for v in data["servers"].values())
 
 
+def test_batch_bench_smoke(tmp_path, tiny_llama_path):
+    from tiercache.tools.bench import batch_bench
+
+    batch_bench.main(["--out", str(tmp_path), "--preset", "tiny-llama",
+                      "--model-dir", str(tiny_llama_path.parent), "--clients", "2",
+                      "--servers", "tiercache batched", "--turns", "2", "--max-tokens", "8",
+                      "--system-tokens", "120", "--tool-tokens", "20"])
+    data = _load(tmp_path, "batch_bench")
+    (cell,) = data["servers"]["tiercache batched"]
+    assert cell["clients"] == 2 and cell["requests"] == 4
+    assert cell["completion_tokens"] == 4 * 8  # tiny-llama never stops early
+    # The warm-up cached the shared system prompt; later turns hit their history.
+    assert 0 < cell["computed_prompt_tokens"] < cell["prompt_tokens"]
+
+
 def test_write_amp_smoke(tmp_path, tiny_llama_path):
     from tiercache.tools.bench import write_amp
 

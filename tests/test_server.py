@@ -338,7 +338,8 @@ def test_json_body_without_json_content_type_is_read_as_json(server, ctype):
 
 
 def test_api_key_queue_limit_and_loading_health(tiny_llama_path, tmp_path):
-    srv = ServerProcess(["--model", str(tiny_llama_path), "--api-key", "sekret", "--max-queue", "1"],
+    srv = ServerProcess(["--model", str(tiny_llama_path), "--api-key", "sekret", "--max-queue", "1",
+                         "--max-batch-size", "1"],
                         tmp_path / "key.log")
     try:
         # /health is 503 ("loading") until the model is ready, then 200.
@@ -471,6 +472,8 @@ def test_non_trimmable_model_checkpoints_and_determinism(preset, request, tmp_pa
         assert _details(again.usage)["cached_tokens"] == again.usage.prompt_tokens - 1
         assert again.choices[0].message.content == first.choices[0].message.content
         wait_for(lambda: disk_entries(srv.base_url) > 0)
+        # Checkpointed prefill keeps these models on the sequential path.
+        assert "continuous batching off for this model" in srv.log()
     finally:
         assert srv.stop() == 0, srv.log()
     srv = start_server(args, tmp_path / "hybrid2.log")

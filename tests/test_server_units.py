@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from tiercache.server.config import parse_config
-from tiercache.server.engine import _StopText
+from tiercache.server.output import _StopText
 from tiercache.server.schemas import ChatCompletionRequest, CompletionRequest
 
 

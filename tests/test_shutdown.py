@@ -37,7 +37,8 @@ def _error_envelope(text: str) -> dict:
 
 def test_sigterm_with_queued_requests(tmp_path, tiny_llama_path):
     srv = start_server(["--model", str(tiny_llama_path), "--disk-dir", str(tmp_path / "disk"),
-                        "--block-size", "16", "--shutdown-timeout", "1", "--flush-timeout", "5"],
+                        "--block-size", "16", "--shutdown-timeout", "1", "--flush-timeout", "5",
+                        "--max-batch-size", "1"],  # one at a time: the others queue
                        tmp_path / "srv.log")
     model = httpx.get(srv.base_url + "/v1/models").json()["data"][0]["id"]
     prompt = [(13 * i) % 500 + 3 for i in range(40)]
@@ -71,7 +72,14 @@ def test_sigterm_with_queued_requests(tmp_path, tiny_llama_path):
         assert "shutting down" in err["message"] and err["type"] == "service_unavailable"
     # The running request was cut at the deadline: its stream ends with an error
     # event in the same shape, then [DONE]; no bare 500.
-    status, ctype, text = out["running"]
+    _assert_cut(out["running"])
+    _assert_clean_exit(log)
+    srv.stop()
+
+
+def _assert_cut(result: tuple) -> None:
+    """A streamed request cut by shutdown: an error event in the API's shape, then [DONE]."""
+    status, ctype, text = result
     assert status == 200 and ctype.startswith("text/event-stream"), (status, text[-500:])
     events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
@@ -79,7 +87,43 @@ def test_sigterm_with_queued_requests(tmp_path, tiny_llama_path):
     assert "shutting down" in err["message"], err
     assert not any("generation_failed" in e for e in events)
 
+
+def _assert_clean_exit(log: str) -> None:
     assert "Traceback" not in log and "CancelledError" not in log, log
     assert "timeout graceful shutdown exceeded" not in log, log
     assert "shutdown complete" in log
+
+
+def test_sigterm_cuts_every_request_of_the_batch(tmp_path, tiny_llama_path):
+    """With continuous batching all running requests get the deadline; a queued one a 503."""
+    srv = start_server(["--model", str(tiny_llama_path), "--shutdown-timeout", "1",
+                        "--max-batch-size", "2"], tmp_path / "srv.log")
+    prompt = [(13 * i) % 500 + 3 for i in range(40)]
+    base = {"prompt": prompt, "max_tokens": LONG, "temperature": 0}
+    out: dict = {}
+    threads = []
+    for i in range(2):
+        body = {**base, "prompt": prompt + [i + 3], "stream": True}
+        threads.append(threading.Thread(target=_post, args=(srv, body, out, f"running{i}")))
+        threads[-1].start()
+    wait_for(lambda: httpx.get(srv.base_url + "/health").json()["queue"]["batch_size"] == 2)
+    threads.append(threading.Thread(target=_post, args=(srv, base, out, "queued")))
+    threads[-1].start()
+    wait_for(lambda: httpx.get(srv.base_url + "/health").json()["queue"]["waiting"] == 1)
+
+    srv.proc.send_signal(signal.SIGTERM)
+    try:
+        code = srv.proc.wait(WAIT_BOUND)
+    except subprocess.TimeoutExpired:
+        srv.proc.kill()
+        raise AssertionError("the server did not exit after SIGTERM:\n" + srv.log())
+    for t in threads:
+        t.join(WAIT_BOUND)
+    log = srv.log()
+    assert code == 0, log
+    status, _, text = out["queued"]
+    assert status == 503 and "shutting down" in _error_envelope(text)["message"], (status, text)
+    for i in range(2):
+        _assert_cut(out[f"running{i}"])
+    _assert_clean_exit(log)
     srv.stop()

@@ -57,7 +57,8 @@ async def health(request: Request):
         "model_path": engine.model_path,
         "context_length": engine.context_length,
         "queue": {"waiting": worker.queue_depth, "running": worker.busy,
-                  "max": state.cfg.max_queue},
+                  "max": state.cfg.max_queue, "batch_size": worker.running,
+                  "max_batch_size": state.cfg.max_batch_size},
         "cache": {"disk_dir": state.cfg.disk_dir, **_summary(stats)},
     }
 
@@ -67,6 +68,7 @@ async def prometheus(request: Request):
     """Prometheus text exposition."""
     state = _state(request)
     state.metrics.queue_depth.set(state.worker.queue_depth)
+    state.metrics.running.set(state.worker.running)
     data = await run_in_threadpool(state.metrics.render)
     return Response(data, media_type=CONTENT_TYPE)
 
